@@ -1,0 +1,22 @@
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes-long end-to-end checks; run with `pytest -m slow`")
+
+
+@pytest.fixture
+def small_text(tmp_path):
+    """The first 20,000 characters of Tiny Shakespeare (about 5,600 tokens) in a fresh folder."""
+    with open(os.path.join(REPO, "input.txt"), encoding="utf-8") as f:
+        text = f.read(20_000)
+    path = tmp_path / "small.txt"
+    path.write_text(text, encoding="utf-8")
+    return str(path)

@@ -1,0 +1,231 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from conftest import REPO
+
+TINY = ["--model", "gpt2-nano", "--batch_size", "4", "--seq_len", "32", "--warmup_steps", "2", "--max_lr", "3e-3",
+        "--log_interval", "1", "--eval_interval", "3", "--eval_steps", "2", "--sample_tokens", "0",
+        "--device", "cpu", "--dtype", "float32"]
+
+
+def run_train(dataset, out_dir, *flags):
+    train.main(["--dataset_path", dataset, "--out_dir", str(out_dir), *TINY, *flags])
+    return read_metrics(out_dir)
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(records):
+    return [r["loss"] for r in records]
+
+
+def test_help_lists_every_option_with_its_default():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True).stdout
+    for option in ["--dataset_type", "--dataset_path", "--model", "--n_layer", "--n_head", "--n_embd", "--batch_size",
+                   "--seq_len", "--total_batch_size", "--max_steps", "--warmup_steps", "--max_lr", "--min_lr",
+                   "--weight_decay", "--grad_clip", "--dtype", "--device", "--compile", "--seed", "--out_dir",
+                   "--log_interval", "--eval_interval", "--eval_steps", "--save_interval", "--resume"]:
+        assert option in out
+    assert "(default: input.txt)" in out and "(default: out)" in out
+
+
+def test_learning_rate_warms_up_from_zero_then_decays_to_min_lr():
+    args = train.argparse.Namespace(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
+    assert train.get_lr(0, args) == 0.0
+    assert train.get_lr(5, args) == pytest.approx(5e-4)
+    assert train.get_lr(10, args) == pytest.approx(1e-3)
+    assert train.get_lr(55, args) == pytest.approx(5.5e-4)  # halfway through the cosine
+    assert train.get_lr(100, args) == pytest.approx(1e-4)
+    schedule = [train.get_lr(s, args) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(schedule, schedule[1:]))
+
+
+def test_a_run_writes_a_checkpoint_metrics_and_a_sample(small_text, tmp_path, capsys):
+    records = run_train(small_text, tmp_path, "--max_steps", "6", "--sample_tokens", "5")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r)
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert records[-1]["loss"] < records[0]["loss"]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["config"]["model"] == "gpt2-nano"
+    assert {"model", "optimizer", "scaler", "model_config"} <= set(ckpt)
+    assert not any(k.startswith(("_orig_mod", "module")) for k in ckpt["model"])
+    assert "-" * 80 in capsys.readouterr().out  # the sample's frame
+
+
+def test_four_micro_steps_equal_one_step_on_a_four_times_larger_batch(small_text, tmp_path):
+    whole = run_train(small_text, tmp_path / "whole", "--max_steps", "4", "--batch_size", "8")
+    accumulated = run_train(small_text, tmp_path / "accum", "--max_steps", "4", "--batch_size", "2",
+                            "--total_batch_size", str(8 * 32))
+    assert losses(accumulated) == pytest.approx(losses(whole), rel=1e-5)
+    a = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "accum" / "ckpt.pt", weights_only=True)["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_resuming_gives_the_losses_of_an_uninterrupted_run(small_text, tmp_path, monkeypatch):
+    flags = ["--max_steps", "8", "--save_interval", "5", "--dropout", "0.1"]  # dropout: so the RNG matters too
+    interrupted = tmp_path / "interrupted"
+    save_checkpoint = train.save_checkpoint
+
+    def save_and_keep_step_5(path, model, optimizer, scaler, step, args):
+        save_checkpoint(path, model, optimizer, scaler, step, args)
+        if step == 5:  # what a run killed after step 5 leaves behind
+            interrupted.mkdir()
+            for name in ("ckpt.pt", "metrics.jsonl"):
+                (interrupted / name).write_bytes((tmp_path / "straight" / name).read_bytes())
+
+    monkeypatch.setattr(train, "save_checkpoint", save_and_keep_step_5)
+    straight = run_train(small_text, tmp_path / "straight", *flags)
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    resumed = run_train(small_text, interrupted, "--resume")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for before, after in zip(straight, resumed):
+        assert {k: v for k, v in after.items() if k != "tokens_per_sec"} == {
+            k: v for k, v in before.items() if k != "tokens_per_sec"}
+
+
+def test_a_fresh_run_refuses_to_replace_an_existing_checkpoint(small_text, tmp_path, capsys):
+    run_train(small_text, tmp_path, "--max_steps", "2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(small_text, tmp_path, "--max_steps", "2")
+    assert exit_info.value.code != 0 and "--resume" in capsys.readouterr().err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(small_text, tmp_path, capsys):
+    run_train(small_text, tmp_path, "--max_steps", "2")
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(small_text, tmp_path, "--overwrite", "--max_steps", "20", "--max_lr", "1e30", "--warmup_steps", "0",
+                  "--grad_clip", "0")
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0
+    assert err.count("\n") == 1 and "loss became nan" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(small_text, tmp_path):
+    cmd = [sys.executable, "train.py", "--dataset_path", small_text, "--out_dir", str(tmp_path), *TINY,
+           "--max_steps", "100000", "--save_interval", "100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 60
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint saved" in out
+    step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 2
+    records = run_train(small_text, tmp_path, "--resume", "--max_steps", str(step + 1))
+    assert records[-1]["step"] == step + 1
+
+
+def test_torchrun_with_two_processes_equals_one_process_with_double_accumulation(small_text, tmp_path):
+    flags = ["--dataset_path", small_text, *TINY, "--max_steps", "4", "--batch_size", "2",
+             "--total_batch_size", str(4 * 32)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, "train.py", *flags, "--out_dir", str(tmp_path / "one")],
+                            cwd=REPO, capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    double = subprocess.run([*torchrun, "train.py", *flags, "--out_dir", str(tmp_path / "two")],
+                            cwd=REPO, capture_output=True, text=True, env=env, timeout=240)
+    assert double.returncode == 0, double.stderr
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert [r["val_loss"] for r in two if "val_loss" in r] == pytest.approx(
+        [r["val_loss"] for r in one if "val_loss" in r], rel=1e-5)
+
+
+def test_auto_dtype_on_cpu_follows_the_measured_matmul_speed():
+    runtime = train.setup_runtime("cpu", "auto")
+    assert runtime.dtype == (torch.bfloat16 if train.cpu_bf16_is_faster() else torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_autocast_trains_on_cpu(small_text, tmp_path, dtype):
+    records = run_train(small_text, tmp_path, "--max_steps", "3", "--dtype", dtype, "--batch_size", "2",
+                        "--seq_len", "16", "--eval_steps", "1")
+    assert all(r["loss"] < 11 for r in records)  # finite, and no worse than a uniform guess (ln 50257 = 10.8)
+
+
+def write_checkpoint_of_other_shape(small_text, out_dir):
+    run_train(small_text, out_dir, "--max_steps", "1", "--n_embd", "16")
+
+
+BAD_INPUTS = {
+    "missing dataset": (["--dataset_path", "/nonexistent/data.txt"], "does not exist"),
+    "empty dataset": (["--dataset_path", "{empty}"], "is empty"),
+    "non-UTF-8 dataset": (["--dataset_path", "{latin1}"], "not UTF-8"),
+    "text shorter than one batch": (["--dataset_path", "{short}"], "shorter than one sequence"),
+    "seq_len beyond the context": (["--seq_len", "65"], "longer than the model's context"),
+    "batch arithmetic": (["--total_batch_size", "100"], "not a multiple"),
+    "unknown preset": (["--model", "gpt5"], "unknown --model"),
+    "n_embd not divisible by n_head": (["--n_embd", "30", "--n_head", "4"], "divisible"),
+    "resume without checkpoint": (["--resume"], "no checkpoint"),
+    "resume of another shape": (["--resume", "--n_embd", "64"], "shape"),
+    "zero batch size": (["--batch_size", "0"], "must be positive"),
+    "negative steps": (["--max_steps", "-5"], "must be positive"),
+    "zero layers": (["--n_layer", "0"], "must be positive"),
+    "not a number": (["--max_lr", "fast"], "invalid float value"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_one_line_and_leaves_out_dir_untouched(case, small_text, tmp_path, capsys):
+    flags, message = BAD_INPUTS[case]
+    files = {"empty": b"", "latin1": "café crème".encode("latin-1"), "short": b"Too short to train on."}
+    for name, content in files.items():
+        (tmp_path / f"{name}.txt").write_bytes(content)
+    flags = [f.format(**{name: str(tmp_path / f"{name}.txt") for name in files}) for f in flags]
+    out_dir = tmp_path / "out"
+    if case == "resume of another shape":
+        write_checkpoint_of_other_shape(small_text, out_dir)
+    before = {p: p.read_bytes() for p in out_dir.glob("*")} if out_dir.exists() else None
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--dataset_path", small_text, "--out_dir", str(out_dir), *TINY, "--max_steps", "2", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0
+    assert err.count("\n") == 1 and message in err, err
+    after = {p: p.read_bytes() for p in out_dir.glob("*")} if out_dir.exists() else None
+    assert after == before
+
+
+def test_bad_input_on_the_command_line_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--dataset_path", str(tmp_path / "missing.txt"),
+                             "--out_dir", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"error: dataset file {tmp_path / 'missing.txt'} does not exist: pass an existing text file with --dataset_path"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_default_run_trains_on_input_txt_and_val_loss_falls(tmp_path):
+    (tmp_path / "input.txt").write_bytes(open(os.path.join(REPO, "input.txt"), "rb").read())
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train.py")], cwd=tmp_path, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    val = [r["val_loss"] for r in read_metrics(tmp_path / "out") if "val_loss" in r]
+    assert len(val) >= 2 and val[-1] < val[0] - 0.5 and val == sorted(val, reverse=True)
+    assert (tmp_path / "out" / "ckpt.pt").exists() and "-" * 80 in result.stdout

@@ -1,0 +1,507 @@
+"""
+Train a GPT-2 on a text file.
+
+    python train.py                                   # a laptop CPU: Tiny Shakespeare (input.txt), a few minutes
+    python train.py --model gpt2 --device cuda        # GPT-2 124M on one GPU
+    torchrun --standalone --nproc_per_node=8 train.py --model gpt2 --total_batch_size 524288
+
+Everything a run makes goes to --out_dir: ckpt.pt (to --resume from) and metrics.jsonl (one JSON line per log line).
+The training step is train()'s loop: batches, forward/backward over micro-steps, clip, step, log, eval, save.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import DataError, TextLoader, get_tokenizer
+from model import GPT, PRESETS, GPTConfig
+
+DEFAULT_MODEL = "gpt2-micro"
+CHECKPOINT = "ckpt.pt"
+METRICS = "metrics.jsonl"
+MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+
+
+class TrainError(Exception):
+    """A problem the user can fix (options, a checkpoint, a diverging run): reported as one line, no traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default prints the whole usage first; one line says it better
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    p = OneLineParser(description="Train GPT-2 on a text file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset_type", default="text", choices=["text"], help="text: a UTF-8 text file, the last 10%% held out")
+    a("--dataset_path", default="input.txt", help="the dataset file")
+    a("--model", default=DEFAULT_MODEL, help=f"preset: {', '.join(PRESETS)}")
+    a("--n_layer", type=int, help="override the preset's number of layers")
+    a("--n_head", type=int, help="override the preset's number of attention heads")
+    a("--n_embd", type=int, help="override the preset's width")
+    a("--dropout", type=float, default=0.0, help="dropout probability")
+    a("--batch_size", type=int, default=8, help="sequences per micro-batch, per process")
+    a("--seq_len", type=int, help="tokens per sequence (default: the model's context)")
+    a("--total_batch_size", type=int, help="tokens per optimizer step, all processes and micro-steps together "
+      "(default: batch_size * seq_len * processes, no gradient accumulation)")
+    a("--max_steps", type=int, default=200, help="optimizer steps to train for")
+    a("--warmup_steps", type=int, default=20, help="steps of linear warmup from 0 to max_lr")
+    a("--max_lr", type=float, default=3e-3, help="peak learning rate")
+    a("--min_lr", type=float, help="learning rate at max_steps, after cosine decay (default: max_lr / 10)")
+    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay, on matrices and embeddings only")
+    a("--beta1", type=float, default=0.9, help="AdamW beta1")
+    a("--beta2", type=float, default=0.95, help="AdamW beta2")
+    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="autocast dtype; auto: bfloat16 where the device runs it faster than float32, float16 on older GPUs")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    a("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
+    a("--seed", type=int, default=1337, help="seeds the initialisation, the batches and dropout")
+    a("--out_dir", default="out", help="where ckpt.pt and metrics.jsonl go")
+    a("--log_interval", type=int, default=10, help="log every this many steps")
+    a("--eval_interval", type=int, default=50, help="validation loss every this many steps, and at the end")
+    a("--eval_steps", type=int, default=10, help="global batches of validation data per evaluation")
+    a("--save_interval", type=int, default=200, help="checkpoint every this many steps, and at the end")
+    a("--sample_tokens", type=int, default=200, help="length of the sample printed at the end (0: none)")
+    a("--resume", action="store_true", help="continue the run in --out_dir from its ckpt.pt, with its saved config")
+    a("--overwrite", action="store_true", help="start afresh even if --out_dir holds a checkpoint, replacing it")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device, dtype and processes: the one place that decides where and how the math runs.
+
+
+@dataclasses.dataclass
+class Runtime:
+    device: str  # "cpu", "cuda:3", "mps"
+    device_type: str  # "cpu", "cuda", "mps": what autocast and the optimizer ask about
+    dtype: torch.dtype  # the autocast dtype; float32 means no autocast
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    @property
+    def master(self):  # only rank 0 prints and writes files
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def cpu_bf16_is_faster():
+    """Whether this CPU multiplies bf16 matrices clearly faster than fp32. CPUs with bf16 units (AMX, AVX512-BF16,
+    Arm's BF16) run it several times faster; without them PyTorch emulates it, up to 100x slower. Flags don't tell
+    reliably across operating systems and architectures, so time it: a few milliseconds, once per run."""
+    a = torch.randn(256, 256)
+
+    def seconds(x, budget):
+        x @ x  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            x @ x
+            best = min(best, time.perf_counter() - t0)
+            if best > budget:  # already clearly slower: stop early, emulated bf16 is slow
+                break
+        return best
+
+    fp32 = seconds(a, float("inf"))
+    return seconds(a.bfloat16(), fp32) * 1.5 < fp32
+
+
+def setup_runtime(device="auto", dtype="auto"):
+    """Pick the device and autocast dtype, and join the process group when launched by torchrun (RANK is set)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise TrainError("--device mps: MPS is not available on this machine; use --device cpu")
+    rt = Runtime(device=device, device_type=device, dtype=torch.float32)
+    if "RANK" in os.environ:  # launched by torchrun
+        rt.rank, rt.local_rank, rt.world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if device == "cuda":
+            rt.device = f"cuda:{rt.local_rank}"
+            torch.cuda.set_device(rt.device)
+        # NCCL moves gradients GPU to GPU; gloo is the backend that works for CPU tensors
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    if dtype == "auto":
+        if device == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        elif device == "cpu":
+            dtype = "bfloat16" if cpu_bf16_is_faster() else "float32"
+            if rt.ddp:  # ranks timed separately: agree on bf16 only if all of them found it faster
+                vote = torch.tensor([dtype == "bfloat16"], dtype=torch.int32)
+                dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+                dtype = "bfloat16" if vote.item() else "float32"
+        else:
+            dtype = "float32"
+    rt.dtype = getattr(torch, dtype)
+    return rt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration: from flags to a checked model config and batch arithmetic.
+
+
+def model_config(args):
+    if args.model not in PRESETS:
+        raise TrainError(f"unknown --model {args.model!r}: choose one of {', '.join(PRESETS)}")
+    shape = dict(PRESETS[args.model])
+    for name in ("n_layer", "n_head", "n_embd"):
+        if getattr(args, name) is not None:
+            shape[name] = getattr(args, name)
+    try:
+        return GPTConfig(**shape, dropout=args.dropout)
+    except ValueError as e:
+        raise TrainError(f"model shape: {e}")
+
+
+def check_args(args, world_size):
+    """Fill in the derived defaults and reject what cannot work, before anything is loaded or written."""
+    for name in ("batch_size", "max_steps", "log_interval", "eval_interval", "eval_steps", "save_interval"):
+        if getattr(args, name) <= 0:
+            raise TrainError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("n_layer", "n_head", "n_embd", "seq_len", "total_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise TrainError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("warmup_steps", "sample_tokens"):
+        if getattr(args, name) < 0:
+            raise TrainError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.max_lr <= 0 or args.weight_decay < 0 or args.grad_clip < 0:
+        raise TrainError("--max_lr must be positive, --weight_decay and --grad_clip not negative")
+    cfg = model_config(args)
+    if args.seq_len is None:
+        args.seq_len = cfg.block_size
+    if args.seq_len > cfg.block_size:
+        raise TrainError(f"--seq_len {args.seq_len} is longer than the model's context ({cfg.block_size})")
+    if args.min_lr is None:
+        args.min_lr = args.max_lr / 10
+    tokens_per_micro_step = args.batch_size * args.seq_len * world_size
+    if args.total_batch_size is None:
+        args.total_batch_size = tokens_per_micro_step
+    if args.total_batch_size % tokens_per_micro_step != 0:
+        raise TrainError(
+            f"--total_batch_size {args.total_batch_size} is not a multiple of batch_size * seq_len * processes = "
+            f"{args.batch_size} * {args.seq_len} * {world_size} = {tokens_per_micro_step}"
+        )
+    return cfg, args.total_batch_size // tokens_per_micro_step
+
+
+def get_lr(step, args):
+    """Learning rate for update number `step` (1 to max_steps): linear warmup from 0 at step 0 to max_lr at
+    warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < args.warmup_steps:
+        return args.max_lr * step / args.warmup_steps
+    if step >= args.max_steps:
+        return args.min_lr
+    progress = (step - args.warmup_steps) / (args.max_steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.max_lr - args.min_lr)
+
+
+def configure_optimizer(model, args, device_type):
+    # Weight decay pulls weights toward 0: right for matrices and embeddings, which it keeps from growing; wrong for
+    # biases and LayerNorm gains, whose scale is meaningful. Those are exactly the 1-D parameters.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # the fused kernel updates all parameters in a few launches instead of several per tensor
+    fused = device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=args.max_lr, betas=(args.beta1, args.beta2), fused=fused)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and metrics: one save, one load, and one writer.
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, args):
+    """Everything resuming needs. Batches and dropout are functions of (seed, step), so the step is the data
+    position and the RNG state. Written to a temporary file and renamed, so a crash never leaves half a checkpoint."""
+    state = {
+        "model": model.state_dict(),
+        "model_config": dataclasses.asdict(model.config),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "config": vars(args),
+    }
+    tmp_path = path + ".tmp"
+    torch.save(state, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def load_checkpoint(path):
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT)
+    if not os.path.exists(path):
+        raise TrainError(f"no checkpoint at {path}: train one first, or check --out_dir")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or not a checkpoint")
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per log line. On resume, records past the checkpoint's step (logged by the
+    interrupted run after its last save) are dropped, so the file reads as one run."""
+
+    def __init__(self, path, resume_step=None):
+        records = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                records = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(records)
+        os.replace(path + ".tmp", path)
+        self.file = open(path, "a")
+
+    def write(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run.
+
+
+def explicit_flags(parser, argv):
+    """The options the user typed, as opposed to defaults: resuming keeps the saved config except where asked."""
+    shadow = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            shadow.add_argument(*action.option_strings, dest=action.dest, default=argparse.SUPPRESS,
+                                **({"action": "store_true"} if action.nargs == 0 else {}))
+    return set(vars(shadow.parse_known_args(argv)[0]))
+
+
+# Options that may change when resuming: they decide how long and how the run goes on, not what it computes.
+RESUMABLE_OVERRIDES = {"max_steps", "device", "compile", "log_interval", "eval_interval", "eval_steps",
+                       "save_interval", "sample_tokens", "out_dir", "resume", "overwrite"}
+
+
+def prepare_resume(args, given):
+    ckpt = load_checkpoint(os.path.join(args.out_dir, CHECKPOINT))
+    saved = argparse.Namespace(**ckpt["config"])
+    saved_shape = {k: ckpt["model_config"][k] for k in MODEL_SHAPE}
+    if given & {"model", "n_layer", "n_head", "n_embd"}:
+        args.seq_len = args.seq_len or saved.seq_len
+        asked = dataclasses.asdict(model_config(args))
+        asked_shape = {k: asked[k] for k in MODEL_SHAPE}
+        if asked_shape != saved_shape:
+            raise TrainError(
+                f"--resume: the checkpoint in {args.out_dir} is a model of shape {saved_shape}, not the {asked_shape} "
+                f"asked for; drop the shape flags to resume it, or use another --out_dir"
+            )
+    ignored = sorted(given - RESUMABLE_OVERRIDES - {"model", "n_layer", "n_head", "n_embd"})
+    if ignored:
+        print(f"--resume: keeping the checkpoint's {', '.join(ignored)}", file=sys.stderr)
+    for name in given & RESUMABLE_OVERRIDES:
+        setattr(saved, name, getattr(args, name))
+    saved.out_dir, saved.resume = args.out_dir, True
+    if saved.max_steps < ckpt["step"]:
+        raise TrainError(f"--max_steps {saved.max_steps} is before the checkpoint's step {ckpt['step']}")
+    return saved, ckpt
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        train(args, explicit_flags(parser, sys.argv[1:] if argv is None else argv))
+    except (TrainError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, given):
+    ckpt = None
+    if args.resume:
+        args, ckpt = prepare_resume(args, given)
+    elif os.path.exists(os.path.join(args.out_dir, CHECKPOINT)) and not args.overwrite:
+        raise TrainError(
+            f"{args.out_dir} already holds a checkpoint: continue it with --resume, choose another --out_dir, "
+            f"or pass --overwrite to replace it"
+        )
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    cfg, accum_steps = check_args(args, world_size)
+    rt = setup_runtime(args.device, args.dtype)
+    loader = TextLoader(args.dataset_path, args.seq_len, args.batch_size, accum_steps, rt.rank, rt.world_size, args.seed)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = GPT(cfg).to(rt.device)
+    optimizer = configure_optimizer(model, args, rt.device_type)
+    # fp16 has a narrow range: scale the loss up so small gradients don't underflow, and unscale before the step
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
+    start_step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step = ckpt["step"]
+        del ckpt
+    raw_model = model  # what is saved: never the compiled or DDP-wrapped module
+    if args.compile:
+        model = torch.compile(model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    ckpt_path = os.path.join(args.out_dir, CHECKPOINT)
+    metrics = None
+    if rt.master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        metrics = MetricsLog(os.path.join(args.out_dir, METRICS), start_step if args.resume else None)
+        print(f"model {args.model}: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
+              f"{cfg.n_head} heads, {cfg.n_embd} wide | {rt.device} {str(rt.dtype).removeprefix('torch.')} | "
+              f"{rt.world_size} process(es) x {accum_steps} micro-step(s) x {args.batch_size} x {args.seq_len} = "
+              f"{args.total_batch_size} tokens/step | steps {start_step} -> {args.max_steps}")
+
+    # SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) finish the current step, save, and exit.
+    stop_signal = []
+    handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def all_ranks_mean(t):  # gloo has no AVG: sum, then divide
+        if rt.ddp:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= rt.world_size
+        return t
+
+    def save(step):
+        if rt.master:
+            save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, args)
+
+    try:
+        last_log_time, last_log_step = time.perf_counter(), start_step
+        for step in range(start_step + 1, args.max_steps + 1):  # step: the number of this update, 1-based
+            lr = get_lr(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Dropout draws from the global RNG: seeding it from (seed, step, rank) makes it a function of the step
+            # too, so a resumed run draws the same masks as an uninterrupted one, and each rank its own.
+            torch.manual_seed(int(np.random.SeedSequence([args.seed, step, rt.rank]).generate_state(1)[0]))
+            model.train()
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro_step in range(accum_steps):
+                x, y = (t.to(rt.device) for t in loader.get_batch("train", step - 1, micro_step))
+                if rt.ddp:
+                    # DDP all-reduces gradients during backward; between micro-steps that is wasted traffic, so
+                    # sync only on the last one. DDP reads the flag in forward, hence set before it.
+                    model.require_backward_grad_sync = micro_step == accum_steps - 1
+                with rt.autocast():
+                    _, loss = model(x, y)
+                loss = loss / accum_steps  # gradients add up over micro-steps: divide so they average
+                loss_sum += loss.detach()
+                scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            # clip_grad_norm_ returns the norm before clipping; with clipping off, an infinite cap only measures it
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            # Reading the loss back waits for the device; do it only on steps that log, evaluate or save.
+            if rt.ddp:  # a signal may reach the ranks at different steps: stop together
+                flag = torch.tensor([len(stop_signal)], dtype=torch.int32, device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop_now = bool(flag.item())
+            else:
+                stop_now = bool(stop_signal)
+            last = step == args.max_steps
+            do_eval = step % args.eval_interval == 0 or last
+            do_save = step % args.save_interval == 0 or last or stop_now
+            if not (step % args.log_interval == 0 or do_eval or do_save):
+                continue
+            loss_value = all_ranks_mean(loss_sum).item()
+            if not math.isfinite(loss_value):
+                raise TrainError(
+                    f"the training loss became {loss_value} at step {step}; stopped. {ckpt_path} still holds the "
+                    f"last good checkpoint: try a lower --max_lr, a lower --grad_clip, or --dtype float32"
+                )
+            now = time.perf_counter()
+            seconds_per_step = (now - last_log_time) / (step - last_log_step)
+            last_log_time, last_log_step = now, step
+            record = {"step": step, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(grad_norm.item(), 6),
+                      "tokens_per_sec": round(args.total_batch_size / seconds_per_step, 1)}
+            if do_eval:
+                record["val_loss"] = round(evaluate(model, loader, rt, args, accum_steps, all_ranks_mean), 6)
+                last_log_time = time.perf_counter()  # evaluation time is not training speed
+            if rt.master:
+                metrics.write(record)
+                eta = seconds_per_step * (args.max_steps - step)
+                val = f" | val {record['val_loss']:.4f}" if do_eval else ""
+                print(f"step {step}/{args.max_steps} | loss {loss_value:.4f}{val} | lr {lr:.2e} | "
+                      f"norm {record['grad_norm']:.3f} | {record['tokens_per_sec']:,.0f} tok/s | "
+                      f"{seconds_per_step * 1000:.0f} ms/step | {eta // 60:.0f}m{eta % 60:02.0f}s left", flush=True)
+            if do_save:
+                save(step)
+            if stop_now and not last:
+                if rt.master:
+                    print(f"stopped by signal at step {step}; checkpoint saved: continue with --resume", flush=True)
+                sys.exit(128 + stop_signal[0] if stop_signal else 1)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if metrics is not None:
+            metrics.file.close()
+
+    if rt.master:
+        print(f"done: {ckpt_path}")
+        if args.sample_tokens > 0:
+            print_sample(raw_model, rt, args)
+
+
+@torch.no_grad()
+def evaluate(model, loader, rt, args, accum_steps, all_ranks_mean):
+    """Mean loss over eval_steps global batches of the validation split: the same batches at every evaluation,
+    split like training batches, so the figure does not depend on the number of processes or micro-steps."""
+    model.eval()
+    total = torch.zeros((), device=rt.device)
+    for step in range(args.eval_steps):
+        for micro_step in range(accum_steps):
+            x, y = (t.to(rt.device) for t in loader.get_batch("val", step, micro_step))
+            with rt.autocast():
+                _, loss = model(x, y)
+            total += loss.float()
+    model.train()
+    return all_ranks_mean(total / (args.eval_steps * accum_steps)).item()
+
+
+def print_sample(model, rt, args):
+    tokenizer = get_tokenizer()
+    start = torch.tensor([tokenizer.encode_ordinary("\n")], device=rt.device)
+    generator = torch.Generator(device=rt.device).manual_seed(args.seed)
+    model.eval()
+    with rt.autocast():
+        out = model.generate(start, args.sample_tokens, temperature=0.8, top_k=200, generator=generator)
+    print("-" * 80 + "\n" + tokenizer.decode(out[0].tolist()).strip() + "\n" + "-" * 80)
+
+
+if __name__ == "__main__":
+    main()
