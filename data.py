@@ -106,9 +106,11 @@ class TextLoader:
             if len(split_tokens) < seq_len + 1:
                 raise DataError(
                     f"{path} has {len(tokens)} tokens, so its {split} split ({len(split_tokens)} tokens) is shorter "
-                    f"than one sequence of --seq_len + 1 = {seq_len + 1} tokens: use a longer text or a smaller --seq_len"
+                    f"than one sequence of --seq_len + 1 = {seq_len + 1} tokens: use a longer text or a smaller "
+                    f"--seq_len"
                 )
-        self.seq_len, self.batch_size, self.rank, self.world_size, self.seed = seq_len, batch_size, rank, world_size, seed
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.global_rows = batch_size * world_size * accum_steps
 
     def get_batch(self, split, step, micro_step):

@@ -273,7 +273,12 @@ class MetricsLog:
         records = []
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
-                records = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= resume_step:
+                            records.append(line)
+                    except (ValueError, KeyError, TypeError):
+                        pass  # a line cut short by the crash that interrupted the run
         with open(path + ".tmp", "w") as f:
             f.writelines(records)
         os.replace(path + ".tmp", path)
@@ -352,7 +357,8 @@ def train(args, given):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     cfg, accum_steps = check_args(args, world_size)
     rt = setup_runtime(args.device, args.dtype)
-    loader = TextLoader(args.dataset_path, args.seq_len, args.batch_size, accum_steps, rt.rank, rt.world_size, args.seed)
+    loader = TextLoader(args.dataset_path, args.seq_len, args.batch_size, accum_steps,
+                        rank=rt.rank, world_size=rt.world_size, seed=args.seed)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = GPT(cfg).to(rt.device)
@@ -382,10 +388,18 @@ def train(args, given):
               f"{rt.world_size} process(es) x {accum_steps} micro-step(s) x {args.batch_size} x {args.seq_len} = "
               f"{args.total_batch_size} tokens/step | steps {start_step} -> {args.max_steps}")
 
-    # SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) finish the current step, save, and exit.
+    # SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) finish the current step, save, and exit; a second one
+    # gets the default behaviour back, for when the step is too long to wait for.
     stop_signal = []
-    handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(signum, frame):
+        stop_signal.append(signum)
+        signal.signal(signum, previous_handlers[signum])
+        if rt.master:
+            name = signal.Signals(signum).name
+            print(f"\n{name}: saving after this step (send {name} again to quit at once)", flush=True)
+
+    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def all_ranks_mean(t):  # gloo has no AVG: sum, then divide
         if rt.ddp:
@@ -466,7 +480,7 @@ def train(args, given):
                     print(f"stopped by signal at step {step}; checkpoint saved: continue with --resume", flush=True)
                 sys.exit(128 + stop_signal[0] if stop_signal else 1)
     finally:
-        for s, handler in handlers.items():
+        for s, handler in previous_handlers.items():
             signal.signal(s, handler)
         if metrics is not None:
             metrics.file.close()
