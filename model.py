@@ -43,7 +43,7 @@ PRESETS = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),  # 1558M
     "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # 30M, 19M of it the embedding
-    "gpt2-micro": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # 7.3M, 6.4M of it the embedding
+    "gpt2-micro": dict(n_layer=4, n_head=6, n_embd=192, block_size=256),  # 11.5M, 9.7M of it the embedding
     "gpt2-nano": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),  # for tests
 }
 

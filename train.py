@@ -52,13 +52,13 @@ def build_parser():
     a("--n_head", type=int, help="override the preset's number of attention heads")
     a("--n_embd", type=int, help="override the preset's width")
     a("--dropout", type=float, default=0.0, help="dropout probability")
-    a("--batch_size", type=int, default=8, help="sequences per micro-batch, per process")
+    a("--batch_size", type=int, default=4, help="sequences per micro-batch, per process")
     a("--seq_len", type=int, help="tokens per sequence (default: the model's context)")
     a("--total_batch_size", type=int, help="tokens per optimizer step, all processes and micro-steps together "
       "(default: batch_size * seq_len * processes, no gradient accumulation)")
-    a("--max_steps", type=int, default=200, help="optimizer steps to train for")
+    a("--max_steps", type=int, default=240, help="optimizer steps to train for")
     a("--warmup_steps", type=int, default=20, help="steps of linear warmup from 0 to max_lr")
-    a("--max_lr", type=float, default=3e-3, help="peak learning rate")
+    a("--max_lr", type=float, default=2e-3, help="peak learning rate")
     a("--min_lr", type=float, help="learning rate at max_steps, after cosine decay (default: max_lr / 10)")
     a("--weight_decay", type=float, default=0.1, help="AdamW weight decay, on matrices and embeddings only")
     a("--beta1", type=float, default=0.9, help="AdamW beta1")
@@ -468,11 +468,11 @@ def train(args, given):
                 last_log_time = time.perf_counter()  # evaluation time is not training speed
             if rt.master:
                 metrics.write(record)
-                eta = seconds_per_step * (args.max_steps - step)
+                minutes, seconds = divmod(round(seconds_per_step * (args.max_steps - step)), 60)
                 val = f" | val {record['val_loss']:.4f}" if do_eval else ""
                 print(f"step {step}/{args.max_steps} | loss {loss_value:.4f}{val} | lr {lr:.2e} | "
                       f"norm {record['grad_norm']:.3f} | {record['tokens_per_sec']:,.0f} tok/s | "
-                      f"{seconds_per_step * 1000:.0f} ms/step | {eta // 60:.0f}m{eta % 60:02.0f}s left", flush=True)
+                      f"{seconds_per_step * 1000:.0f} ms/step | {minutes}m{seconds:02d}s left", flush=True)
             if do_save:
                 save(step)
             if stop_now and not last:
