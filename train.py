@@ -338,7 +338,8 @@ def main(argv=None):
     try:
         train(args, explicit_flags(parser, sys.argv[1:] if argv is None else argv))
     except (TrainError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one message is enough
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():
@@ -454,10 +455,10 @@ def train(args, given):
                 continue
             loss_value = all_ranks_mean(loss_sum).item()
             if not math.isfinite(loss_value):
-                raise TrainError(
-                    f"the training loss became {loss_value} at step {step}; stopped. {ckpt_path} still holds the "
-                    f"last good checkpoint: try a lower --max_lr, a lower --grad_clip, or --dtype float32"
-                )
+                kept = f"{ckpt_path} still holds the last good checkpoint" if os.path.exists(ckpt_path) else \
+                    "no checkpoint was written"
+                raise TrainError(f"the training loss became {loss_value} at step {step}; stopped, {kept}. "
+                                 f"Try a lower --max_lr, a lower --grad_clip, or --dtype float32")
             now = time.perf_counter()
             seconds_per_step = (now - last_log_time) / (step - last_log_step)
             last_log_time, last_log_step = now, step
