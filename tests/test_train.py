@@ -155,9 +155,14 @@ def test_torchrun_with_two_processes_equals_one_process_with_double_accumulation
         [r["val_loss"] for r in one if "val_loss" in r], rel=1e-5)
 
 
-def test_auto_dtype_on_cpu_follows_the_measured_matmul_speed():
+@pytest.mark.parametrize("bf16_faster, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_on_cpu_follows_the_measured_matmul_speed(monkeypatch, bf16_faster, expected):
+    assert isinstance(train.cpu_bf16_is_faster(), bool)  # the real measurement runs on any CPU
+    monkeypatch.setattr(train, "cpu_bf16_is_faster", lambda: bf16_faster)
     runtime = train.setup_runtime("cpu", "auto")
-    assert runtime.dtype == (torch.bfloat16 if train.cpu_bf16_is_faster() else torch.float32)
+    assert runtime.dtype == expected
+    with runtime.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == expected  # matmuls run in the chosen dtype
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
