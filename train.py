@@ -382,7 +382,10 @@ def train(args, given):
     ckpt_path = os.path.join(args.out_dir, CHECKPOINT)
     metrics = None
     if rt.master:
-        os.makedirs(args.out_dir, exist_ok=True)
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+        except OSError as e:
+            raise TrainError(f"cannot create --out_dir {args.out_dir}: {e.strerror}")
         metrics = MetricsLog(os.path.join(args.out_dir, METRICS), start_step if args.resume else None)
         print(f"model {args.model}: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
               f"{cfg.n_head} heads, {cfg.n_embd} wide | {rt.device} {str(rt.dtype).removeprefix('torch.')} | "

@@ -191,6 +191,7 @@ BAD_INPUTS = {
     "negative steps": (["--max_steps", "-5"], "must be positive"),
     "zero layers": (["--n_layer", "0"], "must be positive"),
     "not a number": (["--max_lr", "fast"], "invalid float value"),
+    "out_dir inside a file": (["--out_dir", "{empty}/out"], "cannot create --out_dir"),
 }
 
 
