@@ -138,8 +138,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes(small_text, tmp_path):
 
 
 def test_torchrun_with_two_processes_equals_one_process_with_double_accumulation(small_text, tmp_path):
+    # 4 micro-batches of 2 sequences a step: 2 processes x 2 micro-steps, or 1 process x 4
     flags = ["--dataset_path", small_text, *TINY, "--max_steps", "4", "--batch_size", "2",
-             "--total_batch_size", str(4 * 32)]
+             "--total_batch_size", str(4 * 2 * 32)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = subprocess.run([sys.executable, "train.py", *flags, "--out_dir", str(tmp_path / "one")],
                             cwd=REPO, capture_output=True, text=True, env=env)
