@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, TextLoader, get_tokenizer
-from model import GPT, PRESETS, GPTConfig
+from data import EOT_TOKEN, DataError, TextLoader, get_tokenizer
+from model import GPT, HUB_NAMES, PRESETS, GPTConfig
 
 DEFAULT_MODEL = "gpt2-micro"
 CHECKPOINT = "ckpt.pt"
@@ -48,6 +48,9 @@ def build_parser():
     a("--dataset_type", default="text", choices=["text"], help="text: a UTF-8 text file, the last 10%% held out")
     a("--dataset_path", default="input.txt", help="the dataset file")
     a("--model", default=DEFAULT_MODEL, help=f"preset: {', '.join(PRESETS)}")
+    a("--init_from", help="start from these weights instead of random ones, taking the model's shape from them: "
+      "a checkpoint (out/ckpt.pt or its directory), a Hugging Face GPT-2 directory, or gpt2, gpt2-medium, ... "
+      "(downloaded when online)")
     a("--n_layer", type=int, help="override the preset's number of layers")
     a("--n_head", type=int, help="override the preset's number of attention heads")
     a("--n_embd", type=int, help="override the preset's width")
@@ -179,8 +182,8 @@ def model_config(args):
         raise TrainError(f"model shape: {e}")
 
 
-def check_args(args, world_size):
-    """Fill in the derived defaults and reject what cannot work, before anything is loaded or written."""
+def check_args(args):
+    """Reject options that cannot work, before anything is loaded or written."""
     for name in ("batch_size", "max_steps", "log_interval", "eval_interval", "eval_steps", "save_interval"):
         if getattr(args, name) <= 0:
             raise TrainError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -192,7 +195,13 @@ def check_args(args, world_size):
             raise TrainError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.max_lr <= 0 or args.weight_decay < 0 or args.grad_clip < 0:
         raise TrainError("--max_lr must be positive, --weight_decay and --grad_clip not negative")
-    cfg = model_config(args)
+
+
+def batch_geometry(args, cfg, world_size):
+    """Fill in seq_len, min_lr and total_batch_size's defaults; return the number of micro-steps per step."""
+    if cfg.vocab_size < EOT_TOKEN + 1:
+        raise TrainError(f"the model's vocabulary ({cfg.vocab_size} tokens) is smaller than GPT-2's tokenizer's "
+                         f"({EOT_TOKEN + 1}): it cannot train on GPT-2 tokens")
     if args.seq_len is None:
         args.seq_len = cfg.block_size
     if args.seq_len > cfg.block_size:
@@ -207,7 +216,7 @@ def check_args(args, world_size):
             f"--total_batch_size {args.total_batch_size} is not a multiple of batch_size * seq_len * processes = "
             f"{args.batch_size} * {args.seq_len} * {world_size} = {tokens_per_micro_step}"
         )
-    return cfg, args.total_batch_size // tokens_per_micro_step
+    return args.total_batch_size // tokens_per_micro_step
 
 
 def get_lr(step, args):
@@ -260,9 +269,30 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         raise TrainError(f"no checkpoint at {path}: train one first, or check --out_dir")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or not {"model", "model_config", "step", "config"} <= set(ckpt):
+            raise ValueError("keys missing")
+        return ckpt
     except Exception as e:
         raise TrainError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or not a checkpoint")
+
+
+def load_model(source, dropout=0.0):
+    """The one way to get a trained model, for --init_from and the scripts: from a checkpoint (a ckpt.pt, or the
+    out_dir holding one), a Hugging Face GPT-2 directory (config.json + model.safetensors), or a hub name (gpt2,
+    gpt2-medium, gpt2-large, gpt2-xl). Returns the GPT in float32 on the CPU."""
+    if os.path.isfile(source) or os.path.isfile(os.path.join(source, CHECKPOINT)):
+        ckpt = load_checkpoint(source)
+        model = GPT(GPTConfig(**{**ckpt["model_config"], "dropout": dropout}))
+        model.load_state_dict(ckpt["model"])
+        return model
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise TrainError(f"{source} holds neither a {CHECKPOINT} nor a Hugging Face config.json: pass a checkpoint, "
+                         f"an out_dir, a Hugging Face GPT-2 directory or a hub name ({', '.join(HUB_NAMES)})")
+    try:
+        return GPT.from_pretrained(source, dropout=dropout)
+    except ValueError as e:
+        raise TrainError(str(e))
 
 
 class MetricsLog:
@@ -310,7 +340,8 @@ RESUMABLE_OVERRIDES = {"max_steps", "device", "compile", "log_interval", "eval_i
 
 def prepare_resume(args, given):
     ckpt = load_checkpoint(os.path.join(args.out_dir, CHECKPOINT))
-    saved = argparse.Namespace(**ckpt["config"])
+    # options added since the checkpoint was written take their defaults
+    saved = argparse.Namespace(**{**vars(build_parser().parse_args([])), **ckpt["config"]})
     saved_shape = {k: ckpt["model_config"][k] for k in MODEL_SHAPE}
     if given & {"model", "n_layer", "n_head", "n_embd"}:
         args.seq_len = args.seq_len or saved.seq_len
@@ -356,13 +387,26 @@ def train(args, given):
             f"or pass --overwrite to replace it"
         )
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    cfg, accum_steps = check_args(args, world_size)
+    check_args(args)
+    init_model = None
+    if ckpt is not None:
+        cfg = GPTConfig(**ckpt["model_config"])
+    elif args.init_from:
+        if given & {"model", "n_layer", "n_head", "n_embd"}:
+            raise TrainError(f"--init_from takes the model's shape from {args.init_from}: drop --model, --n_layer, "
+                             f"--n_head and --n_embd")
+        init_model = load_model(args.init_from, dropout=args.dropout)
+        cfg = init_model.config
+    else:
+        cfg = model_config(args)
+    accum_steps = batch_geometry(args, cfg, world_size)
     rt = setup_runtime(args.device, args.dtype)
     loader = TextLoader(args.dataset_path, args.seq_len, args.batch_size, accum_steps,
                         rank=rt.rank, world_size=rt.world_size, seed=args.seed)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = GPT(cfg).to(rt.device)
+    model = (init_model or GPT(cfg)).to(rt.device)
+    del init_model
     optimizer = configure_optimizer(model, args, rt.device_type)
     # fp16 has a narrow range: scale the loss up so small gradients don't underflow, and unscale before the step
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
@@ -387,7 +431,8 @@ def train(args, given):
         except OSError as e:
             raise TrainError(f"cannot create --out_dir {args.out_dir}: {e.strerror}")
         metrics = MetricsLog(os.path.join(args.out_dir, METRICS), start_step if args.resume else None)
-        print(f"model {args.model}: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
+        name = f"from {args.init_from}" if args.init_from else args.model
+        print(f"model {name}: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
               f"{cfg.n_head} heads, {cfg.n_embd} wide | {rt.device} {str(rt.dtype).removeprefix('torch.')} | "
               f"{rt.world_size} process(es) x {accum_steps} micro-step(s) x {args.batch_size} x {args.seq_len} = "
               f"{args.total_batch_size} tokens/step | steps {start_step} -> {args.max_steps}")
@@ -418,31 +463,7 @@ def train(args, given):
     try:
         last_log_time, last_log_step = time.perf_counter(), start_step
         for step in range(start_step + 1, args.max_steps + 1):  # step: the number of this update, 1-based
-            lr = get_lr(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Dropout draws from the global RNG: seeding it from (seed, step, rank) makes it a function of the step
-            # too, so a resumed run draws the same masks as an uninterrupted one, and each rank its own.
-            torch.manual_seed(int(np.random.SeedSequence([args.seed, step, rt.rank]).generate_state(1)[0]))
-            model.train()
-            loss_sum = torch.zeros((), device=rt.device)
-            for micro_step in range(accum_steps):
-                x, y = (t.to(rt.device) for t in loader.get_batch("train", step - 1, micro_step))
-                if rt.ddp:
-                    # DDP all-reduces gradients during backward; between micro-steps that is wasted traffic, so
-                    # sync only on the last one. DDP reads the flag in forward, hence set before it.
-                    model.require_backward_grad_sync = micro_step == accum_steps - 1
-                with rt.autocast():
-                    _, loss = model(x, y)
-                loss = loss / accum_steps  # gradients add up over micro-steps: divide so they average
-                loss_sum += loss.detach()
-                scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            # clip_grad_norm_ returns the norm before clipping; with clipping off, an infinite cap only measures it
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            lr, loss_sum, grad_norm = train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args)
 
             # Reading the loss back waits for the device; do it only on steps that log, evaluate or save.
             if rt.ddp:  # a signal may reach the ranks at different steps: stop together
@@ -493,6 +514,38 @@ def train(args, given):
         print(f"done: {ckpt_path}")
         if args.sample_tokens > 0:
             print_sample(raw_model, rt, args)
+
+
+def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
+    """One optimizer update, number `step` (1-based): the forward and backward passes of its micro-steps, then
+    clipping and the AdamW step. Returns the learning rate, the loss (a device tensor: reading it waits for the
+    device) and the gradient norm. bench.py times exactly this."""
+    lr = get_lr(step, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # Dropout draws from the global RNG: seeding it from (seed, step, rank) makes it a function of the step too,
+    # so a resumed run draws the same masks as an uninterrupted one, and each rank its own.
+    torch.manual_seed(int(np.random.SeedSequence([args.seed, step, rt.rank]).generate_state(1)[0]))
+    model.train()
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro_step in range(accum_steps):
+        x, y = (t.to(rt.device) for t in loader.get_batch("train", step - 1, micro_step))
+        if rt.ddp:
+            # DDP all-reduces gradients during backward; between micro-steps that is wasted traffic, so sync
+            # only on the last one. DDP reads the flag in forward, hence set before it.
+            model.require_backward_grad_sync = micro_step == accum_steps - 1
+        with rt.autocast():
+            _, loss = model(x, y)
+        loss = loss / accum_steps  # gradients add up over micro-steps: divide so they average
+        loss_sum += loss.detach()
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    # clip_grad_norm_ returns the norm before clipping; with clipping off, an infinite cap only measures it
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, loss_sum, grad_norm
 
 
 @torch.no_grad()

@@ -1,4 +1,6 @@
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -6,7 +8,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import GPT, PRESETS, GPTConfig
+from model import GPT, PRESETS, GPTConfig, KVCache, filter_logits
 
 
 def tiny_config(**overrides):
@@ -120,3 +122,148 @@ def test_flops_per_token_counts_the_training_step_matmuls():
 def test_impossible_shapes_are_rejected(bad):
     with pytest.raises(ValueError):
         tiny_config(**bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def test_logits_with_the_kv_cache_equal_the_full_forward_at_every_position():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    full, _ = model(idx, torch.zeros_like(idx))
+    cache = KVCache(model.config)
+    prefix, _ = model(idx[:, :5], cache=cache)  # a prompt of 5 in one pass, then one token at a time
+    steps = [prefix] + [model(idx[:, [t]], cache=cache)[0] for t in range(5, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 4:], rtol=1e-5, atol=1e-5)
+    # several new tokens after cached ones (a masked, not causal, attention)
+    cache = KVCache(model.config)
+    model(idx[:, :5], cache=cache)
+    chunk, _ = model(idx[:, 5:9], cache=cache)
+    torch.testing.assert_close(chunk[:, 0], full[:, 8], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_is_the_same_with_and_without_the_cache_even_past_the_context():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()  # a context of 16: 40 new tokens slide the window several times
+    idx = torch.randint(0, 97, (3, 6))
+    cached = model.generate(idx, 40, temperature=0)
+    uncached = model.generate(idx, 40, temperature=0, use_cache=False)
+    assert cached.shape == (3, 46)
+    assert torch.equal(cached, uncached)
+
+
+def test_sampling_with_a_seeded_generator_is_reproducible():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.zeros(2, 1, dtype=torch.long)
+    runs = [model.generate(idx, 30, temperature=1.0, top_k=20, top_p=0.9,
+                           generator=torch.Generator().manual_seed(seed)) for seed in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_generation_stops_once_every_row_has_produced_the_stop_token():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.tensor([[1], [2]])
+    free = model.generate(idx, 20, temperature=0)[:, 1:]
+    stop = free[0, 4].item()
+    ends = [(row == stop).nonzero()[0].item() if (row == stop).any() else None for row in free]
+    expected = free.clone()
+    for row, end in zip(expected, ends):  # a row that has stopped repeats the stop token
+        if end is not None:
+            row[end:] = stop
+    length = max(ends) + 1 if None not in ends else 20
+    stopped = model.generate(idx, 20, temperature=0, stop_token=stop)[:, 1:]
+    assert torch.equal(stopped, expected[:, :length])
+
+
+def test_top_k_keeps_exactly_the_k_most_likely_tokens():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    kept = filter_logits(logits, top_k=2).isfinite()
+    assert kept.tolist() == [[False, True, False, True, False], [True, True, False, False, False]]
+    assert filter_logits(logits, top_k=5).isfinite().all()
+
+
+def test_top_p_keeps_the_fewest_most_likely_tokens_that_reach_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    def kept(p):
+        return filter_logits(logits, top_p=p).isfinite().tolist()[0]
+    assert kept(0.8) == [False, True, False, True]  # 0.5 + 0.3 reaches 0.8
+    assert kept(0.81) == [False, True, True, True]
+    assert kept(0.4) == [False, True, False, False]  # the most likely token always stays
+    assert kept(1.0) == [True, True, True, True]
+    assert filter_logits(logits, top_k=2, top_p=0.4).isfinite().tolist()[0] == [False, True, False, False]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Hugging Face format (transformers is a test-only dependency: requirements-dev.txt)
+
+
+def hf_gpt2(tmp_path, **shape):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape)).eval()
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def assert_same_logits(ours, theirs, vocab_size, length=24):
+    idx = torch.randint(0, vocab_size, (2, length))
+    with torch.no_grad():
+        expected = theirs(idx).logits
+        logits, _ = ours.eval()(idx, torch.zeros_like(idx))
+    assert (logits - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("shape", [
+    dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=50257),
+    dict(),  # the real gpt2 shape: 124M parameters
+], ids=["tiny", "gpt2"])
+def test_from_pretrained_gives_transformers_logits(tmp_path, shape):
+    theirs = hf_gpt2(tmp_path, **shape)
+    ours = GPT.from_pretrained(str(tmp_path))
+    assert ours.num_params() == theirs.num_parameters()
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+    assert_same_logits(ours, theirs, theirs.config.vocab_size)
+
+
+def test_from_pretrained_reads_the_old_pytorch_model_bin_layout(tmp_path):
+    # OpenAI's original upload: no "transformer." prefix, causal-mask buffers stored as weights, a .bin file
+    theirs = hf_gpt2(tmp_path, n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=300)
+    os.remove(tmp_path / "model.safetensors")
+    state = {k.removeprefix("transformer."): v for k, v in theirs.state_dict().items()}
+    for i in range(2):
+        state[f"h.{i}.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert_same_logits(GPT.from_pretrained(str(tmp_path)), theirs, 300, length=16)
+
+
+def test_save_pretrained_writes_what_transformers_loads_with_the_same_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = GPT(tiny_config(vocab_size=300))
+    ours.save_pretrained(str(tmp_path))
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+    assert_same_logits(ours, theirs, 300, length=16)
+    assert torch.equal(GPT.from_pretrained(str(tmp_path)).state_dict()["lm_head.weight"],
+                       ours.state_dict()["lm_head.weight"])
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "llama"})), "not GPT-2"),
+    (lambda d: os.remove(d / "model.safetensors"), "neither model.safetensors nor pytorch_model.bin"),
+    (lambda d: os.remove(d / "config.json"), "no config.json"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"not weights"), "damaged"),
+    (lambda d: (d / "config.json").write_text(json.dumps(
+        {**json.loads((d / "config.json").read_text()), "n_layer": 3})), "missing transformer.h.2"),
+])
+def test_from_pretrained_explains_what_is_wrong_with_a_directory(tmp_path, breakage, message):
+    torch.manual_seed(0)
+    GPT(tiny_config(vocab_size=300)).save_pretrained(str(tmp_path))
+    breakage(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        GPT.from_pretrained(str(tmp_path))

@@ -1,3 +1,5 @@
+import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -10,6 +12,8 @@ import torch
 
 import train
 from conftest import REPO
+from data import TextLoader
+from model import GPT, GPTConfig
 
 TINY = ["--model", "gpt2-nano", "--batch_size", "4", "--seq_len", "32", "--warmup_steps", "2", "--max_lr", "3e-3",
         "--log_interval", "1", "--eval_interval", "3", "--eval_steps", "2", "--sample_tokens", "0",
@@ -171,6 +175,46 @@ def test_low_precision_autocast_trains_on_cpu(small_text, tmp_path, dtype):
     records = run_train(small_text, tmp_path, "--max_steps", "3", "--dtype", dtype, "--batch_size", "2",
                         "--seq_len", "16", "--eval_steps", "1")
     assert all(r["loss"] < 11 for r in records)  # finite, and no worse than a uniform guess (ln 50257 = 10.8)
+
+
+def without_model_flag(flags):
+    i = flags.index("--model")
+    return flags[:i] + flags[i + 2 :]
+
+
+@pytest.mark.parametrize("source", ["hf_dir", "checkpoint"])
+def test_init_from_starts_from_the_weights_with_their_shape_and_a_fresh_schedule(source, small_text, tmp_path):
+    torch.manual_seed(0)
+    start = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=24, block_size=48))  # a shape of no preset
+    if source == "hf_dir":
+        pytest.importorskip("safetensors")
+        start.save_pretrained(str(tmp_path / "start"))
+    else:
+        (tmp_path / "start").mkdir()
+        train.save_checkpoint(str(tmp_path / "start" / "ckpt.pt"), start, torch.optim.AdamW(start.parameters()),
+                              torch.amp.GradScaler("cpu", enabled=False), 7, argparse.Namespace(model="x"))
+    out = tmp_path / "out"
+    train.main(["--dataset_path", small_text, "--out_dir", str(out), *without_model_flag(TINY),
+                "--init_from", str(tmp_path / "start"), "--max_steps", "3"])
+    records = read_metrics(out)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"] == dataclasses.asdict(start.config) and ckpt["step"] == 3
+    assert [r["step"] for r in records] == [1, 2, 3] and records[0]["lr"] == pytest.approx(3e-3 / 2)
+    # step 1's loss is the loss of the starting weights on step 1's batch
+    x, y = TextLoader(small_text, 32, 4, 1).get_batch("train", 0, 0)
+    with torch.no_grad():
+        assert records[0]["loss"] == pytest.approx(start(x, y)[1].item(), rel=1e-5)
+
+
+def test_init_from_refuses_shape_flags_and_unknown_sources(small_text, tmp_path, capsys):
+    for flags, message in [(["--init_from", str(tmp_path), "--model", "gpt2-nano"], "drop --model"),
+                           (["--init_from", str(tmp_path)], "neither a ckpt.pt nor a Hugging Face config.json"),
+                           (["--init_from", "no-such-model"], "no such file or directory")]:
+        with pytest.raises(SystemExit):
+            train.main(["--dataset_path", small_text, "--out_dir", str(tmp_path / "out"),
+                        *without_model_flag(TINY), *flags])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
 
 
 def write_checkpoint_of_other_shape(small_text, out_dir):
