@@ -165,6 +165,47 @@ def setup_runtime(device="auto", dtype="auto"):
     return rt
 
 
+# Dense bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets, matched against the name CUDA reports
+# (in this order: "H100 PCIe" before "H100"). MFU is measured against these; other devices and dtypes get a peak
+# measured on the spot.
+GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                  ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+                  ("V100", 125e12), ("T4", 65e12)]
+
+
+def peak_flops(rt):
+    """The device's peak FLOP/s in the run's dtype: MFU's denominator."""
+    if rt.device_type == "cuda" and rt.dtype != torch.float32:
+        name = torch.cuda.get_device_name(rt.device)
+        for key, flops in GPU_PEAK_FLOPS:
+            if key in name:
+                return flops
+    return measured_matmul_flops(rt)
+
+
+def measured_matmul_flops(rt):
+    """FLOP/s of the largest square matmul that takes ~50 ms (up to 2048 on a CPU, 8192 on a GPU), in the run's
+    dtype: what the device really sustains, e.g. a CPU with bf16 units against one that emulates bf16."""
+    def sync():
+        if rt.device_type == "cuda":
+            torch.cuda.synchronize(rt.device)
+
+    n, largest = 256, 2048 if rt.device_type == "cpu" else 8192
+    while True:
+        a = torch.randn(n, n, device=rt.device).to(rt.dtype)
+        a @ a  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            a @ a
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        if best > 0.05 or n >= largest:
+            return 2 * n**3 / best
+        n *= 2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: from flags to a checked model config and batch arithmetic.
 
@@ -217,6 +258,12 @@ def batch_geometry(args, cfg, world_size):
             f"{args.batch_size} * {args.seq_len} * {world_size} = {tokens_per_micro_step}"
         )
     return args.total_batch_size // tokens_per_micro_step
+
+
+def make_loader(args, accum_steps, rt):
+    """The loader of --dataset_type. Every loader has get_batch(split, step, micro_step) -> (x, y)."""
+    return TextLoader(args.dataset_path, args.seq_len, args.batch_size, accum_steps,
+                      rank=rt.rank, world_size=rt.world_size, seed=args.seed)
 
 
 def get_lr(step, args):
@@ -401,8 +448,7 @@ def train(args, given):
         cfg = model_config(args)
     accum_steps = batch_geometry(args, cfg, world_size)
     rt = setup_runtime(args.device, args.dtype)
-    loader = TextLoader(args.dataset_path, args.seq_len, args.batch_size, accum_steps,
-                        rank=rt.rank, world_size=rt.world_size, seed=args.seed)
+    loader = make_loader(args, accum_steps, rt)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = (init_model or GPT(cfg)).to(rt.device)
@@ -418,6 +464,7 @@ def train(args, given):
         start_step = ckpt["step"]
         del ckpt
     raw_model = model  # what is saved: never the compiled or DDP-wrapped module
+    flops_per_token, device_peak = raw_model.flops_per_token(args.seq_len), peak_flops(rt)  # for MFU
     if args.compile:
         model = torch.compile(model)
     if rt.ddp:
@@ -486,8 +533,10 @@ def train(args, given):
             now = time.perf_counter()
             seconds_per_step = (now - last_log_time) / (step - last_log_step)
             last_log_time, last_log_step = now, step
+            tokens_per_sec = args.total_batch_size / seconds_per_step
             record = {"step": step, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(grad_norm.item(), 6),
-                      "tokens_per_sec": round(args.total_batch_size / seconds_per_step, 1)}
+                      "tokens_per_sec": round(tokens_per_sec, 1),
+                      "mfu": round(flops_per_token * tokens_per_sec / (device_peak * rt.world_size), 4)}
             if do_eval:
                 record["val_loss"] = round(evaluate(model, loader, rt, args, accum_steps, all_ranks_mean), 6)
                 last_log_time = time.perf_counter()  # evaluation time is not training speed
@@ -496,7 +545,7 @@ def train(args, given):
                 minutes, seconds = divmod(round(seconds_per_step * (args.max_steps - step)), 60)
                 val = f" | val {record['val_loss']:.4f}" if do_eval else ""
                 print(f"step {step}/{args.max_steps} | loss {loss_value:.4f}{val} | lr {lr:.2e} | "
-                      f"norm {record['grad_norm']:.3f} | {record['tokens_per_sec']:,.0f} tok/s | "
+                      f"norm {record['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | MFU {record['mfu']:.1%} | "
                       f"{seconds_per_step * 1000:.0f} ms/step | {minutes}m{seconds:02d}s left", flush=True)
             if do_save:
                 save(step)
