@@ -63,11 +63,13 @@ def bench_training(args, rt, cfg, accum_steps):
         train.train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args)
     sync(rt)
     t0 = time.perf_counter()
+    tokens = 0
     for step in range(args.warmup + 1, args.warmup + args.steps + 1):
-        _, loss, _ = train.train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args)
+        _, loss, _, step_tokens = train.train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args)
+        tokens += step_tokens
     loss.item()  # waits for the last step
-    seconds_per_step = (time.perf_counter() - t0) / args.steps
-    tokens_per_sec = args.total_batch_size / seconds_per_step
+    seconds = time.perf_counter() - t0
+    seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
     peak = train.peak_flops(rt)
     mfu = raw_model.flops_per_token(args.seq_len) * tokens_per_sec / (peak * rt.world_size)
     return {"params": raw_model.num_params(), "batch_size": args.batch_size, "seq_len": args.seq_len,

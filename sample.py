@@ -5,6 +5,7 @@ Generate text from a trained model, printing tokens as they come.
     python sample.py --init_from gpt2 --prompt "Hello, I'm a language model,"   # OpenAI's weights (online once)
     python sample.py --init_from out --prompt FILE:prompt.txt --num_samples 3 --top_p 0.9
     echo "ROMEO:" | python sample.py --prompt -
+    python sample.py --init_from out-alpaca --instruction "Name three primary colors."   # after train_alpaca.sh
 
 A sample ends at <|endoftext|> or after --max_new_tokens. Past the model's context the window slides (see
 GPT.generate_stream), so any length can be asked for.
@@ -16,7 +17,7 @@ import sys
 
 import torch
 
-from data import EOT_TOKEN, get_tokenizer
+from data import EOT_TOKEN, alpaca_prompt, get_tokenizer
 from model import GPT
 from train import OneLineParser, TrainError, load_model, setup_runtime
 
@@ -26,8 +27,11 @@ def build_parser():
     a = p.add_argument
     a("--init_from", default="out", help="a checkpoint (out/ckpt.pt or its directory), a Hugging Face GPT-2 "
       "directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
-    a("--prompt", default="\n", help="the text to continue; FILE:path reads it from a file, - from stdin; "
-      "an empty prompt starts from <|endoftext|>, as a new document")
+    a("--prompt", help="the text to continue; FILE:path reads it from a file, - from stdin; an empty prompt "
+      "starts from <|endoftext|>, as a new document (default: a newline)")
+    a("--instruction", help="for models fine-tuned on Alpaca data: wrap this (and --input) in the Alpaca template "
+      "the model was trained with, and print only the response")
+    a("--input", default="", help="with --instruction: the context of the task, if any")
     a("--max_new_tokens", type=int, default=200, help="tokens to generate per sample, at most")
     a("--temperature", type=float, default=0.8, help="below 1 sharpens, above 1 flattens; 0 is greedy")
     a("--top_k", type=int, default=200, help="sample only among the k most likely tokens (0: all)")
@@ -55,6 +59,10 @@ def read_prompt(prompt):
 
 
 def check_args(args):
+    if args.instruction is not None and args.prompt is not None:
+        raise TrainError("--prompt and --instruction exclude each other: --instruction builds the prompt")
+    if args.input and args.instruction is None:
+        raise TrainError("--input goes with --instruction")
     if args.max_new_tokens <= 0 or args.num_samples <= 0:
         raise TrainError("--max_new_tokens and --num_samples must be positive")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
@@ -87,7 +95,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        prompt = read_prompt(args.prompt)
+        if args.instruction is not None:
+            prompt = alpaca_prompt(read_prompt(args.instruction), read_prompt(args.input))
+        else:
+            prompt = read_prompt("\n" if args.prompt is None else args.prompt)
         rt = setup_runtime(args.device, args.dtype)
         model = load_model(args.init_from).to(rt.device).eval()
     except TrainError as e:
@@ -102,7 +113,8 @@ def main(argv=None):
     for i in range(args.num_samples):
         if i > 0:
             print("\n" + "-" * 80)
-        sys.stdout.write(prompt)
+        if args.instruction is None:
+            sys.stdout.write(prompt)
         stream_sample(model, prompt_tokens, args, rt, generator)
     print()
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import EOT_TOKEN, DataError, TextLoader, get_tokenizer
+from data import EOT_TOKEN, AlpacaLoader, DataError, TextLoader, get_tokenizer
 from model import GPT, HUB_NAMES, PRESETS, GPTConfig
 
 DEFAULT_MODEL = "gpt2-micro"
@@ -45,7 +45,8 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser():
     p = OneLineParser(description="Train GPT-2 on a text file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--dataset_type", default="text", choices=["text"], help="text: a UTF-8 text file, the last 10%% held out")
+    a("--dataset_type", default="text", choices=["text", "alpaca"], help="text: a UTF-8 text file, the last 10%% "
+      "held out; alpaca: instruction records in a JSON list or JSONL file, trained on the responses, 5%% held out")
     a("--dataset_path", default="input.txt", help="the dataset file")
     a("--model", default=DEFAULT_MODEL, help=f"preset: {', '.join(PRESETS)}")
     a("--init_from", help="start from these weights instead of random ones, taking the model's shape from them: "
@@ -261,9 +262,16 @@ def batch_geometry(args, cfg, world_size):
 
 
 def make_loader(args, accum_steps, rt):
-    """The loader of --dataset_type. Every loader has get_batch(split, step, micro_step) -> (x, y)."""
-    return TextLoader(args.dataset_path, args.seq_len, args.batch_size, accum_steps,
-                      rank=rt.rank, world_size=rt.world_size, seed=args.seed)
+    """The loader of --dataset_type. Every loader has get_batch(split, step, micro_step) -> (x, y), y being -100
+    where there is nothing to learn, and targets_in_step(split, step): the number of labels in the global batch."""
+    loader_class = {"text": TextLoader, "alpaca": AlpacaLoader}[args.dataset_type]
+    loader = loader_class(args.dataset_path, args.seq_len, args.batch_size, accum_steps,
+                          rank=rt.rank, world_size=rt.world_size, seed=args.seed)
+    if args.dataset_type == "alpaca" and rt.master:
+        print(f"{args.dataset_path}: {loader.n_records} records -> {len(loader.splits['train'])} train, "
+              f"{len(loader.splits['val'])} val examples; {loader.n_truncated} responses cut to --seq_len "
+              f"{args.seq_len}, {loader.n_dropped} dropped (prompt longer than --seq_len)")
+    return loader
 
 
 def get_lr(step, args):
@@ -508,9 +516,10 @@ def train(args, given):
             save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step, args)
 
     try:
-        last_log_time, last_log_step = time.perf_counter(), start_step
+        last_log_time, last_log_step, tokens_since_log = time.perf_counter(), start_step, 0
         for step in range(start_step + 1, args.max_steps + 1):  # step: the number of this update, 1-based
-            lr, loss_sum, grad_norm = train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args)
+            lr, loss_sum, grad_norm, tokens = train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args)
+            tokens_since_log += tokens
 
             # Reading the loss back waits for the device; do it only on steps that log, evaluate or save.
             if rt.ddp:  # a signal may reach the ranks at different steps: stop together
@@ -532,8 +541,8 @@ def train(args, given):
                                  f"Try a lower --max_lr, a lower --grad_clip, or --dtype float32")
             now = time.perf_counter()
             seconds_per_step = (now - last_log_time) / (step - last_log_step)
-            last_log_time, last_log_step = now, step
-            tokens_per_sec = args.total_batch_size / seconds_per_step
+            tokens_per_sec = tokens_since_log / (now - last_log_time)
+            last_log_time, last_log_step, tokens_since_log = now, step, 0
             record = {"step": step, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(grad_norm.item(), 6),
                       "tokens_per_sec": round(tokens_per_sec, 1),
                       "mfu": round(flops_per_token * tokens_per_sec / (device_peak * rt.world_size), 4)}
@@ -562,13 +571,13 @@ def train(args, given):
     if rt.master:
         print(f"done: {ckpt_path}")
         if args.sample_tokens > 0:
-            print_sample(raw_model, rt, args)
+            print_sample(raw_model, rt, args, loader)
 
 
 def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
     """One optimizer update, number `step` (1-based): the forward and backward passes of its micro-steps, then
     clipping and the AdamW step. Returns the learning rate, the loss (a device tensor: reading it waits for the
-    device) and the gradient norm. bench.py times exactly this."""
+    device), the gradient norm, and the tokens fed (all ranks; padding included). bench.py times exactly this."""
     lr = get_lr(step, args)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -577,6 +586,11 @@ def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
     torch.manual_seed(int(np.random.SeedSequence([args.seed, step, rt.rank]).generate_state(1)[0]))
     model.train()
     loss_sum = torch.zeros((), device=rt.device)
+    # The loss is the mean over every label of the global batch (all micro-steps, all ranks): each micro-batch's
+    # mean is weighted by its share of the labels, so padding and prompt lengths don't change an example's weight.
+    # DDP averages gradients over ranks, hence the factor world_size.
+    labels_in_step = loader.targets_in_step("train", step - 1)
+    tokens = 0
     for micro_step in range(accum_steps):
         x, y = (t.to(rt.device) for t in loader.get_batch("train", step - 1, micro_step))
         if rt.ddp:
@@ -585,42 +599,54 @@ def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
             model.require_backward_grad_sync = micro_step == accum_steps - 1
         with rt.autocast():
             _, loss = model(x, y)
-        loss = loss / accum_steps  # gradients add up over micro-steps: divide so they average
+        loss = loss * ((y != -100).sum() * rt.world_size / labels_in_step)
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
+        tokens += x.numel() * rt.world_size
     scaler.unscale_(optimizer)
     # clip_grad_norm_ returns the norm before clipping; with clipping off, an infinite cap only measures it
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return lr, loss_sum, grad_norm
+    return lr, loss_sum, grad_norm, tokens
 
 
 @torch.no_grad()
 def evaluate(model, loader, rt, args, accum_steps, all_ranks_mean):
-    """Mean loss over eval_steps global batches of the validation split: the same batches at every evaluation,
-    split like training batches, so the figure does not depend on the number of processes or micro-steps."""
+    """Mean loss per label over eval_steps global batches of the validation split: the same batches at every
+    evaluation, split like training batches, so the figure does not depend on the number of processes or
+    micro-steps."""
     model.eval()
     total = torch.zeros((), device=rt.device)
+    labels = sum(loader.targets_in_step("val", step) for step in range(args.eval_steps))
     for step in range(args.eval_steps):
         for micro_step in range(accum_steps):
             x, y = (t.to(rt.device) for t in loader.get_batch("val", step, micro_step))
             with rt.autocast():
                 _, loss = model(x, y)
-            total += loss.float()
+            total += loss.float() * (y != -100).sum()
     model.train()
-    return all_ranks_mean(total / (args.eval_steps * accum_steps)).item()
+    return all_ranks_mean(total * rt.world_size / labels).item()
 
 
-def print_sample(model, rt, args):
+def print_sample(model, rt, args, loader):
+    """A sample from the trained model: a continuation of "\n", or for Alpaca data the response to the first
+    validation example's instruction (greedy, as the answer to a question is judged)."""
     tokenizer = get_tokenizer()
-    start = torch.tensor([tokenizer.encode_ordinary("\n")], device=rt.device)
+    if args.dataset_type == "alpaca":
+        example = loader.examples[loader.splits["val"][0]]
+        prompt = example[: loader.n_prompt[loader.splits["val"][0]]].tolist()
+        temperature, shown = 0.0, tokenizer.decode(prompt)
+    else:
+        prompt, temperature, shown = tokenizer.encode_ordinary("\n"), 0.8, ""
     generator = torch.Generator(device=rt.device).manual_seed(args.seed)
     model.eval()
     with rt.autocast():
-        out = model.generate(start, args.sample_tokens, temperature=0.8, top_k=200, generator=generator)
-    print("-" * 80 + "\n" + tokenizer.decode(out[0].tolist()).strip() + "\n" + "-" * 80)
+        out = model.generate(torch.tensor([prompt], device=rt.device), args.sample_tokens, temperature=temperature,
+                             top_k=200, generator=generator, stop_token=EOT_TOKEN)
+    new_tokens = [t for t in out[0, len(prompt):].tolist() if t != EOT_TOKEN]
+    print("-" * 80 + "\n" + (shown + tokenizer.decode(new_tokens)).strip() + "\n" + "-" * 80)
 
 
 if __name__ == "__main__":

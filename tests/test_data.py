@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -6,7 +7,7 @@ import torch
 
 import data
 from conftest import REPO, SHARED
-from data import DataError, TextLoader, batch_rows, get_tokenizer, load_text_tokens
+from data import AlpacaLoader, DataError, TextLoader, alpaca_prompt, batch_rows, get_tokenizer, load_text_tokens
 
 TIKTOKEN_CACHE = os.path.join(SHARED, "tiktoken_cache")
 
@@ -139,3 +140,223 @@ def test_a_text_shorter_than_one_sequence_is_rejected(tmp_path):
     path.write_text("To be, or not to be, that is the question. " * 5)
     with pytest.raises(DataError, match="shorter than one sequence"):
         TextLoader(str(path), seq_len=64, batch_size=1, accum_steps=1)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Alpaca instruction data
+
+GSM8K = os.path.join(SHARED, "data", "gsm8k_alpaca.json")
+
+
+def records(n):
+    """n small records with distinct outputs (so a row can be told by its response), every third with an input."""
+    return [{"instruction": f"Add {i} and {i + 1}.", "input": "Show the sum." if i % 3 == 0 else "",
+             "output": f"{i} + {i + 1} = {2 * i + 1}"} for i in range(n)]
+
+
+def write_json(tmp_path, recs, name="data.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(recs, indent=2), encoding="utf-8")
+    return str(path)
+
+
+def responses(x, y):
+    """Each row's supervised tokens, decoded: the response the row trains on."""
+    return [get_tokenizer().decode(row_y[row_y != -100].tolist()) for row_y in y.numpy()]
+
+
+def global_responses(path, split, step, world_size=1, accum_steps=1, batch_size=4, **kw):
+    """The rows of step's global batch in batch_rows order, gathered from every rank and micro-step."""
+    rows = {}
+    for rank in range(world_size):
+        loader = AlpacaLoader(path, 128, batch_size, accum_steps, rank=rank, world_size=world_size, **kw)
+        for m in range(accum_steps):
+            rows[batch_rows(m, rank, batch_size, world_size).start] = responses(*loader.get_batch(split, step, m))
+    return [r for start in sorted(rows) for r in rows[start]]
+
+
+def test_alpaca_prompt_is_stanfords_template_then_a_newline():
+    assert alpaca_prompt("Add 2 and 3.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n"
+    )
+    assert alpaca_prompt("Translate to French.", "Good {morning}") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+        "response that appropriately completes the request.\n\n### Instruction:\nTranslate to French.\n\n### Input:\n"
+        "Good {morning}\n\n### Response:\n"
+    )
+
+
+def test_labels_ignore_prompt_and_padding_and_supervise_response_and_eot(tmp_path):
+    recs = records(6)
+    recs[2]["output"] = "A much longer answer, so that the other rows of its micro-batch are padded. " * 3
+    path = write_json(tmp_path, recs)
+    loader = AlpacaLoader(path, 256, batch_size=5, accum_steps=1)
+    tokenizer = get_tokenizer()
+    x, y = loader.get_batch("train", 0, 0)
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape
+    assert x.shape[1] == max(len(t) for t in loader.examples) - 1  # padded to the longest row, not to seq_len
+    for row_x, row_y, i in zip(x.numpy(), y.numpy(), loader.global_batch("train", 0)):
+        prompt = tokenizer.encode_ordinary(alpaca_prompt(recs[i]["instruction"], recs[i]["input"]))
+        response = tokenizer.encode_ordinary(recs[i]["output"]) + [data.EOT_TOKEN]
+        n = len(prompt) + len(response)
+        np.testing.assert_array_equal(row_x[: n - 1], (prompt + response)[:-1])
+        assert (row_x[n - 1 :] == data.EOT_TOKEN).all()
+        assert (row_y[: len(prompt) - 1] == -100).all() and (row_y[n - 1 :] == -100).all()
+        np.testing.assert_array_equal(row_y[len(prompt) - 1 : n - 1], response)
+        assert tokenizer.decode(row_y[row_y != -100].tolist()) == recs[i]["output"] + "<|endoftext|>"
+
+
+def test_long_responses_are_cut_after_the_whole_prompt_and_prompts_too_long_dropped(tmp_path):
+    recs = records(4)
+    recs[1]["output"] = "word " * 200
+    recs[2]["instruction"] = "Repeat this: " + "word " * 100
+    path = write_json(tmp_path, recs)
+    tokenizer = get_tokenizer()
+    long_prompt = len(tokenizer.encode_ordinary(alpaca_prompt(recs[2]["instruction"])))
+    # a prompt of exactly seq_len tokens leaves room for one supervised token: kept, and cut
+    loader = AlpacaLoader(path, long_prompt, batch_size=1, accum_steps=1)
+    assert (loader.n_truncated, loader.n_dropped) == (2, 0) and len(loader.examples) == 4
+    assert loader.n_targets[2] == 1
+    # one token shorter, it leaves none: dropped
+    loader = AlpacaLoader(path, long_prompt - 1, batch_size=1, accum_steps=1)
+    assert (loader.n_truncated, loader.n_dropped) == (1, 1) and len(loader.examples) == 3
+    cut = loader.examples[1]
+    prompt = tokenizer.encode_ordinary(alpaca_prompt(recs[1]["instruction"]))
+    assert len(cut) == long_prompt  # seq_len + 1
+    np.testing.assert_array_equal(cut[: len(prompt)], prompt)
+    assert "word word" in tokenizer.decode(cut[len(prompt) :].tolist())
+    for split in ("train", "val"):
+        for step in range(3):
+            assert loader.get_batch(split, step, 0)[0].shape[1] <= long_prompt - 1
+
+
+def test_json_and_jsonl_give_the_same_examples(tmp_path):
+    recs = records(12)
+    recs[3]["note"] = "other keys are ignored"
+    del recs[4]["input"]  # input is optional
+    as_json = AlpacaLoader(write_json(tmp_path, recs), 128, 2, 1)
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in recs[:5]) + "\n\n" + "\n".join(json.dumps(r) for r in recs[5:]))
+    as_jsonl = AlpacaLoader(str(jsonl), 128, 2, 1)
+    for a, b in zip(as_json.examples, as_jsonl.examples, strict=True):
+        np.testing.assert_array_equal(a, b)
+    torch.testing.assert_close(as_json.get_batch("train", 3, 0), as_jsonl.get_batch("train", 3, 0))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_ranks_get_disjoint_examples_whose_union_is_the_single_process_global_batch(tmp_path, split):
+    path = write_json(tmp_path, records(100))  # 95 train, 5 val examples
+    whole = global_responses(path, split, 2, batch_size=8)
+    assert global_responses(path, split, 2, world_size=2, accum_steps=2, batch_size=2) == whole
+    if split == "train":  # (validation's 5 examples wrap around a global batch of 8: repeats are expected there)
+        rows = global_responses(path, split, 2, world_size=2, batch_size=4)  # rank 0's 4 rows, then rank 1's
+        by_rank = [set(rows[:4]), set(rows[4:])]
+        assert not by_rank[0] & by_rank[1] and len(by_rank[0] | by_rank[1]) == 8
+
+
+def test_batches_are_a_function_of_seed_split_step_and_micro_step(tmp_path):
+    path = write_json(tmp_path, records(40))
+    a, b = AlpacaLoader(path, 128, 4, 2, seed=1), AlpacaLoader(path, 128, 4, 2, seed=1)
+    torch.testing.assert_close(a.get_batch("train", 7, 1), b.get_batch("train", 7, 1))
+    torch.testing.assert_close(a.get_batch("val", 7, 1), b.get_batch("val", 7, 1))
+    assert responses(*a.get_batch("train", 7, 1)) != responses(*a.get_batch("train", 8, 1))
+    assert responses(*a.get_batch("train", 7, 0)) != responses(*a.get_batch("train", 7, 1))
+    other_seed = AlpacaLoader(path, 128, 4, 2, seed=2)
+    assert responses(*a.get_batch("train", 7, 1)) != responses(*other_seed.get_batch("train", 7, 1))
+
+
+def test_each_epoch_visits_every_training_example_once_in_a_fresh_order(tmp_path):
+    path = write_json(tmp_path, records(20))  # 19 train, 1 val: epochs straddle steps of 4 rows
+    loader = AlpacaLoader(path, 128, 4, 1)
+    n = len(loader.splits["train"])
+    rows = [r for step in range(15) for r in responses(*loader.get_batch("train", step, 0))]  # 60 rows: 3 epochs
+    train_outputs = [records(20)[i]["output"] + "<|endoftext|>" for i in loader.splits["train"]]
+    epochs = [rows[e * n : (e + 1) * n] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(train_outputs)
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_validation_is_a_fixed_5_percent_whatever_the_seed_read_in_order(tmp_path):
+    path = write_json(tmp_path, records(60))
+    a, b = AlpacaLoader(path, 128, 2, 1, seed=1), AlpacaLoader(path, 128, 2, 1, seed=2)
+    assert len(a.splits["val"]) == 3 and len(a.splits["train"]) == 57
+    assert not set(a.splits["val"]) & set(a.splits["train"])
+    np.testing.assert_array_equal(a.splits["val"], b.splits["val"])
+    val = [r for step in range(3) for r in responses(*a.get_batch("val", step, 0))]
+    in_file_order = [records(60)[i]["output"] + "<|endoftext|>" for i in sorted(a.splits["val"])]
+    assert val == in_file_order * 2  # sequential windows, wrapping
+
+
+def supervised(loader, split, step, micro_step):
+    return int((loader.get_batch(split, step, micro_step)[1] != -100).sum())
+
+
+def test_targets_in_step_counts_the_supervised_tokens_of_the_whole_global_batch(tmp_path, small_text):
+    recs = records(30)
+    recs[5]["output"] = "word " * 300  # cut: its supervised tokens stop at seq_len
+    path = write_json(tmp_path, recs)
+    loaders = [AlpacaLoader(path, 128, 3, 2, rank=rank, world_size=2) for rank in range(2)]
+    for split in ("train", "val"):
+        for step in range(4):
+            counted = sum(supervised(loader, split, step, m) for loader in loaders for m in range(2))
+            assert loaders[0].targets_in_step(split, step) == loaders[1].targets_in_step(split, step) == counted
+    text = TextLoader(small_text, seq_len=16, batch_size=2, accum_steps=3)
+    assert text.targets_in_step("train", 0) == sum(supervised(text, "train", 0, m) for m in range(3))
+
+
+GOOD = '{"instruction": "a", "output": "b"}'
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist: pass an existing JSON or JSONL file"),
+        ("To be, or not to be.\n{that is the question}\n", "neither JSON nor JSONL.*use --dataset_type text"),
+        (f"[{GOOD},\n {GOOD}\n {GOOD}]", "not valid JSON .*line 3"),
+        (f"{GOOD}\n\n{{instruction: c}}\n", "line 3 is not valid JSON"),
+        ('{"instruction": "a", "output": "b",}\n' + GOOD, "line 1 is not valid JSON"),
+        ("7", "holds no list of records"),
+        ("[]", "holds no list of records"),
+        (f"[{GOOD}, 7]", "record 1 of .* is not an object"),
+        (f'[{GOOD}, {GOOD}, {{"instruction": "c"}}]', 'record 2 of .* has no "output"'),
+        (f'{GOOD}\n{{"output": "c"}}', 'record 1 of .* has no "instruction"'),
+        ('[{"instruction": "a", "output": 5}]', 'record 0 of .*: "output" is 5, not a string'),
+        (f'[{GOOD}, {{"instruction": "a", "input": null, "output": "b"}}]', 'record 1 of .*: "input" is null'),
+        (f"[{GOOD}]", "1 usable example .* at least 2 are needed"),
+        (json.dumps([{"instruction": "word " * 100, "output": "b"}] * 2), "no room for a response: use a larger"),
+    ],
+)
+def test_bad_alpaca_data_is_named_with_its_fix(tmp_path, content, message):
+    path = tmp_path / "data.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        AlpacaLoader(str(path), 64, 1, 1)
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_alpaca_data_given_as_text_says_use_dataset_type_alpaca(tmp_path, jsonl):
+    path = tmp_path / "data.json"
+    recs = records(3)
+    path.write_text("\n".join(map(json.dumps, recs)) if jsonl else json.dumps(recs, indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match="use --dataset_type alpaca"):
+        TextLoader(str(path), seq_len=16, batch_size=1, accum_steps=1)
+
+
+def test_text_starting_with_a_bracket_is_still_text(tmp_path):
+    path = tmp_path / "code.txt"
+    path.write_text('{"name": "not alpaca"}\n' + "[a list of words] " * 200, encoding="utf-8")
+    assert TextLoader(str(path), seq_len=16, batch_size=1, accum_steps=1).get_batch("train", 0, 0)[0].shape == (1, 16)
+
+
+@pytest.mark.skipif(not os.path.exists(GSM8K), reason="needs ../shared/data/gsm8k_alpaca.json")
+def test_gsm8k_in_alpaca_format_loads_and_batches():
+    loader = AlpacaLoader(GSM8K, 256, batch_size=8, accum_steps=2)
+    n = len(loader.examples)
+    assert loader.n_records == 7473 and n + loader.n_dropped == 7473
+    assert len(loader.splits["val"]) == int(n * 0.05) and len(loader.splits["train"]) + len(loader.splits["val"]) == n
+    x, y = loader.get_batch("train", 0, 1)
+    assert x.shape[0] == 8 and x.shape[1] <= 256 and (y != -100).sum() > 0

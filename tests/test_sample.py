@@ -8,7 +8,7 @@ import torch
 import sample
 import train
 from conftest import REPO
-from data import EOT_TOKEN, get_tokenizer
+from data import EOT_TOKEN, alpaca_prompt, get_tokenizer
 from model import GPT, GPTConfig
 
 
@@ -63,6 +63,7 @@ def test_the_prompt_can_come_from_a_file_or_stdin(checkpoint, capsys, tmp_path, 
     (["--init_from", "/nonexistent/run"], "no such file or directory"),
     (["--prompt", "FILE:/nonexistent/prompt.txt"], "cannot read the prompt file"),
     (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["--instruction", "Add.", "--prompt", "x"], "exclude each other"),
 ])
 def test_bad_options_get_one_line_without_a_traceback(checkpoint, flags, message):
     _, path = checkpoint
@@ -70,3 +71,19 @@ def test_bad_options_get_one_line_without_a_traceback(checkpoint, flags, message
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_instruction_is_wrapped_in_the_alpaca_template_and_only_the_response_printed(checkpoint, capsys):
+    _, path = checkpoint
+    # the template alone is ~40 tokens: a model with room for it
+    big = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=128)).eval()
+    train.save_checkpoint(path + ".big", big, torch.optim.AdamW(big.parameters()),
+                          torch.amp.GradScaler("cpu", enabled=False), 1, train.argparse.Namespace())
+    out = run_sample(capsys, "--init_from", path + ".big", "--instruction", "Add the numbers.", "--input", "2, 3",
+                     "--temperature", "0", "--max_new_tokens", "12")
+    tokenizer = get_tokenizer()
+    prompt = tokenizer.encode_ordinary(alpaca_prompt("Add the numbers.", "2, 3"))
+    expected = big.generate(torch.tensor([prompt]), 12, temperature=0, stop_token=EOT_TOKEN)[0, len(prompt):].tolist()
+    expected = expected[: expected.index(EOT_TOKEN)] if EOT_TOKEN in expected else expected
+    assert out == tokenizer.decode(expected) + "\n"
+    assert "### Response:" not in out

@@ -98,8 +98,8 @@ def test_resuming_gives_the_losses_of_an_uninterrupted_run(small_text, tmp_path,
     resumed = run_train(small_text, interrupted, "--resume")
     assert [r["step"] for r in resumed] == list(range(1, 9))
     for before, after in zip(straight, resumed):
-        assert {k: v for k, v in after.items() if k != "tokens_per_sec"} == {
-            k: v for k, v in before.items() if k != "tokens_per_sec"}
+        speed = {"tokens_per_sec", "mfu"}
+        assert {k: v for k, v in after.items() if k not in speed} == {k: v for k, v in before.items() if k not in speed}
 
 
 def test_a_fresh_run_refuses_to_replace_an_existing_checkpoint(small_text, tmp_path, capsys):
@@ -217,6 +217,42 @@ def test_init_from_refuses_shape_flags_and_unknown_sources(small_text, tmp_path,
         assert err.count("\n") == 1 and message in err, err
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Alpaca fine-tuning through train.py
+
+
+def write_alpaca(path, n, output=lambda i: f"Answer number {i} is {i * 7 % 13}."):
+    words = ["apple", "river", "stone", "cloud", "music", "paper", "light", "green", "quiet", "seven"]
+    records = [{"instruction": f"Say something about {words[i % 10]} and {words[i * 3 % 10]} ({i}).",
+                "input": f"context {i}" if i % 3 == 0 else "", "output": output(i)} for i in range(n)]
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+ALPACA = ["--dataset_type", "alpaca", "--seq_len", "64", "--sample_tokens", "0"]
+
+
+def test_alpaca_loss_weighs_every_response_token_alike_however_the_batch_is_split(tmp_path):
+    data = write_alpaca(tmp_path / "data.json", 40)
+    # padding to each micro-batch's longest example makes micro-batches hold different numbers of labels
+    whole = run_train(data, tmp_path / "whole", *ALPACA, "--max_steps", "3", "--batch_size", "8")
+    split = run_train(data, tmp_path / "split", *ALPACA, "--max_steps", "3", "--batch_size", "2",
+                      "--total_batch_size", str(8 * 64))
+    assert losses(split) == pytest.approx(losses(whole), rel=1e-5)
+    assert [r["val_loss"] for r in split if "val_loss" in r] == pytest.approx(
+        [r["val_loss"] for r in whole if "val_loss" in r], rel=1e-5)
+
+
+def test_with_the_prompt_masked_a_fixed_response_is_learned_to_near_zero_loss(tmp_path, capsys):
+    # the instructions vary and cannot be predicted; the response is always the same sentence. Only because the
+    # loss ignores the prompt can it fall to ~0
+    data = write_alpaca(tmp_path / "data.json", 60, output=lambda i: "The answer is always forty two.")
+    records = run_train(data, tmp_path / "out", *ALPACA, "--max_steps", "40", "--batch_size", "8",
+                        "--max_lr", "1e-2", "--min_lr", "1e-2", "--eval_interval", "40", "--sample_tokens", "20")
+    assert records[-1]["loss"] < 0.05 and records[-1]["val_loss"] < 0.05
+    assert "### Response:\nThe answer is always forty two." in capsys.readouterr().out  # the end-of-run sample
+
+
 def write_checkpoint_of_other_shape(small_text, out_dir):
     run_train(small_text, out_dir, "--max_steps", "1", "--n_embd", "16")
 
@@ -237,13 +273,19 @@ BAD_INPUTS = {
     "zero layers": (["--n_layer", "0"], "must be positive"),
     "not a number": (["--max_lr", "fast"], "invalid float value"),
     "out_dir inside a file": (["--out_dir", "{empty}/out"], "cannot create --out_dir"),
+    "text given as alpaca": (["--dataset_type", "alpaca"], "use --dataset_type text"),
+    "alpaca given as text": (["--dataset_path", "{alpaca}"], "use --dataset_type alpaca"),
+    "alpaca record without output": (["--dataset_type", "alpaca", "--dataset_path", "{no_output}"],
+                                     'record 1 of'),
 }
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_gets_one_line_and_leaves_out_dir_untouched(case, small_text, tmp_path, capsys):
     flags, message = BAD_INPUTS[case]
-    files = {"empty": b"", "latin1": "café crème".encode("latin-1"), "short": b"Too short to train on."}
+    files = {"empty": b"", "latin1": "café crème".encode("latin-1"), "short": b"Too short to train on.",
+             "alpaca": b'[{"instruction": "Add 2 and 2.", "output": "4"}]',
+             "no_output": b'[{"instruction": "Add 2 and 2.", "output": "4"}, {"instruction": "Add 3 and 3."}]'}
     for name, content in files.items():
         (tmp_path / f"{name}.txt").write_bytes(content)
     flags = [f.format(**{name: str(tmp_path / f"{name}.txt") for name in files}) for f in flags]
