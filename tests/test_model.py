@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import GPT, PRESETS, GPTConfig, KVCache, filter_logits
+from model import GPT, PRESETS, CrossEntropy, GPTConfig, KVCache, filter_logits
 
 
 def tiny_config(**overrides):
@@ -96,6 +96,20 @@ def test_loss_is_the_mean_over_targets_that_are_not_minus_100():
     kept = targets != -100
     expected = F.cross_entropy(logits[kept], targets[kept])
     torch.testing.assert_close(loss, expected)
+
+
+def test_our_cross_entropy_has_pytorch_s_loss_and_gradient():
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 500) * 3).requires_grad_()
+    targets = torch.randint(0, 500, (64,))
+    targets[::5] = -100
+    ours = CrossEntropy.apply(logits, targets)
+    (grad_ours,) = torch.autograd.grad(ours * 2.5, logits)
+    theirs = F.cross_entropy(logits, targets, ignore_index=-100)
+    (grad_theirs,) = torch.autograd.grad(theirs * 2.5, logits)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(grad_ours, grad_theirs)
+    assert grad_ours[::5].abs().max() == 0  # unlabelled rows get no gradient
 
 
 def test_residual_projections_start_smaller_by_sqrt_of_twice_the_depth():
