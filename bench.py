@@ -58,7 +58,8 @@ def bench_training(args, rt, cfg, accum_steps):
     if args.compile:
         model = torch.compile(model)
     if rt.ddp:
-        model = train.DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        model = train.DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
+                          gradient_as_bucket_view=True)
     for step in range(1, args.warmup + 1):
         train.train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args)
     sync(rt)

@@ -1,5 +1,5 @@
 """
-Data: a text file or Alpaca records -> GPT-2 tokens -> (x, y) batches. Knows nothing of models.
+Data: a text file, Alpaca records or token shards -> GPT-2 tokens -> (x, y) batches. Knows nothing of models.
 
 Batches are a pure function of (seed, step, micro_step, rank): the loop asks for "the rows of step s that micro-step
 m on rank r trains on", never for "the next batch". That is what makes resuming exact (only the step is needed) and
@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -278,10 +279,14 @@ class AlpacaLoader:
         return ids[rows]
 
     def get_batch(self, split, step, micro_step):
-        """(x, y) int64 tensors of shape (batch_size, longest example - 1): y is x shifted one token left, -100 where
+        """(x, y) for micro-step micro_step of this rank, in step's global batch (see collate)."""
+        ids = self.global_batch(split, step)[batch_rows(micro_step, self.rank, self.batch_size, self.world_size)]
+        return self.collate(ids)
+
+    def collate(self, ids):
+        """(x, y) int64 tensors of shape (len(ids), longest example - 1): y is x shifted one token left, -100 where
         it is a prompt token or padding. x is padded at the end, where causal attention keeps the padding from the real
         tokens, with <|endoftext|> (any id would do: its labels are ignored)."""
-        ids = self.global_batch(split, step)[batch_rows(micro_step, self.rank, self.batch_size, self.world_size)]
         width = max(len(self.examples[i]) for i in ids) - 1
         x = np.full((len(ids), width), EOT_TOKEN, dtype=np.int64)
         y = np.full((len(ids), width), IGNORE_INDEX, dtype=np.int64)
@@ -296,3 +301,218 @@ class AlpacaLoader:
         step, so each rank knows it without communicating. Dividing the summed loss by it weights every response
         token alike, however the tokens fall into micro-batches."""
         return int(self.n_targets[self.global_batch(split, step)].sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token shards: a corpus too big for memory, tokenized ahead by prepare.py and read through memory maps.
+
+SHARD_MAGIC, SHARD_VERSION = 20240520, 1  # llm.c's header for GPT-2 tokens stored as uint16: its shards read here
+SHARD_HEADER_BYTES = 256 * 4  # 256 int32: magic, version, token count, then zeros; the uint16 tokens follow
+SHARD_NAME = re.compile(r"(?:^|_)(train|val)_(\d+)\.bin$")  # train_000000.bin, and llm.c's fineweb_val_000000.bin
+
+
+def shard_tokens(path):
+    """A shard's tokens as a read-only np.memmap of uint16, after checking its header and its size."""
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(SHARD_HEADER_BYTES).ljust(SHARD_HEADER_BYTES, b"\0"), dtype="<i4")
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise DataError(f"{path} is not a shard of GPT-2 tokens as uint16 (header magic {header[0]}, version "
+                        f"{header[1]}, not {SHARD_MAGIC}, {SHARD_VERSION}): it holds another tokenizer's or dtype's "
+                        f"tokens, or none; make shards with prepare.py")
+    count, size = int(header[2]), os.path.getsize(path)
+    if size != SHARD_HEADER_BYTES + 2 * count:
+        raise DataError(f"{path} is truncated or damaged ({size} bytes, but its header says {count} tokens, so "
+                        f"{SHARD_HEADER_BYTES + 2 * count}): rerun the prepare.py command that made it")
+    if count == 0:  # np.memmap cannot map zero bytes
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
+
+
+class TokenStream:
+    """One split's shards as one 1-D sequence of tokens, read lazily: len(stream), and stream[a:b] (step 1) or
+    stream[i], which copy those tokens, across shard boundaries, into a np.uint16 array. ShardLoader.splits holds
+    these, where TextLoader's holds arrays: code that takes len() and slices reads either."""
+
+    def __init__(self, shards):
+        self.shards = [s for s in shards if len(s)]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # starts[k]: position of shards[k]'s first token
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice):
+            i = int(index) + (len(self) if int(index) < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"token {index} of a stream of {len(self)}")
+            return self[i : i + 1][0]
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("a TokenStream is sliced into consecutive tokens only (step 1)")
+        parts, k = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:  # one part per shard the slice touches
+            end = min(stop, int(self.starts[k + 1]))
+            parts.append(np.array(self.shards[k][start - self.starts[k] : end - self.starts[k]]))
+            start, k = end, k + 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def _mix(x):
+    """splitmix64's finaliser: a cheap hash of uint64s whose every output bit depends on every input bit."""
+    x = (x ^ (x >> 30)) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> 27)) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> 31)
+
+
+def shuffled_index(i, n, seed, epoch):
+    """perm[i] for positions i (an array) of perm, a pseudo-random permutation of range(n) drawn from (seed, epoch),
+    in memory and time proportional to len(i), however large n is (10B tokens are 10M windows, too many to
+    shuffle as an array every epoch). A 4-round Feistel network is a bijection of the numbers of 2k bits (4^k >= n);
+    values it sends to n or beyond are sent through it again until they land below n ("cycle walking": the walk
+    follows i's cycle of the bijection, which comes back into range(n), so the result is a bijection of range(n))."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    keys = np.random.default_rng([seed, epoch]).integers(0, 2**63, size=4, dtype=np.uint64)
+    x = np.array(i, dtype=np.uint64).reshape(-1)
+    todo = np.ones(len(x), dtype=bool)
+    while todo.any():
+        y = x[todo]
+        for key in keys:  # (left, right) -> (right, left ^ hash(right, key)): invertible whatever the hash
+            y = ((y & mask) << half) | ((y >> half) ^ (_mix((y & mask) ^ key) & mask))
+        x[todo] = y
+        todo = x >= n
+    return x.astype(np.int64)
+
+
+class ShardLoader:
+    """Windows of a folder of token shards made by prepare.py (or llm.c): val_*.bin and train_*.bin, each split's
+    shards in the order of their numbers, memory-mapped, so the corpus may be far bigger than memory. A split of
+    N tokens has n = (N - 1) // seq_len windows: window w is tokens [w * seq_len, (w + 1) * seq_len + 1), x and its
+    targets y, and may run from one shard into the next.
+
+    Batches are a pure function of (seed, split, step, micro_step, rank), indexed through batch_rows like the other
+    loaders', so the step is the whole position in the data: --resume needs nothing else to continue exactly.
+    Training row g = step * global_rows + i is window shuffled_index(g % n, n, seed, g // n): each epoch visits
+    every window once, in an order of its own, so the corpus's order (one source after another) never shows as a
+    period in the loss. Validation row g is window g % n: from the start of the split, in order, wrapping."""
+
+    def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337):
+        if not os.path.isdir(path):
+            raise DataError(f"{path} is not a folder of token shards: pass the --out_dir of prepare.py")
+        try:
+            with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+                finished = json.load(f).get("done")
+        except FileNotFoundError:  # llm.c's folders have none
+            finished = True
+        except (OSError, ValueError, AttributeError):
+            finished = False
+        if not finished:
+            raise DataError(f"prepare.py has not finished writing {path}: rerun the prepare.py command that made it")
+        found = {"train": [], "val": []}
+        for name in os.listdir(path):
+            if match := SHARD_NAME.search(name):
+                found[match[1]].append((int(match[2]), name))
+        if not found["train"] and not found["val"]:
+            raise DataError(f"{path} holds no token shards (train_*.bin, val_*.bin): make them with "
+                            f"python prepare.py INPUT... --out_dir {path}")
+        self.splits = {split: TokenStream([shard_tokens(os.path.join(path, name)) for _, name in sorted(shards)])
+                       for split, shards in found.items()}
+        for split, tokens in self.splits.items():
+            if len(tokens) < seq_len + 1:
+                fix = "a larger --val_tokens" if split == "val" else "more text, or a smaller --val_tokens,"
+                raise DataError(f"the {split} split of {path} has {len(tokens)} tokens, fewer than one sequence of "
+                                f"--seq_len + 1 = {seq_len + 1}: rerun prepare.py with {fix} or use a smaller "
+                                f"--seq_len")
+        self.n_windows = {split: (len(tokens) - 1) // seq_len for split, tokens in self.splits.items()}
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_rows = batch_size * world_size * accum_steps
+
+    def global_batch(self, split, step):
+        """The window numbers of step's whole global batch, row by row."""
+        n = self.n_windows[split]
+        g = step * self.global_rows + np.arange(self.global_rows)
+        if split == "val":
+            return g % n
+        windows = np.empty_like(g)
+        for epoch in np.unique(g // n):  # a step may straddle two epochs (or more, with a tiny split)
+            in_epoch = g // n == epoch
+            windows[in_epoch] = shuffled_index(g[in_epoch] % n, n, self.seed, int(epoch))
+        return windows
+
+    def get_batch(self, split, step, micro_step):
+        """(x, y) int64 tensors of shape (batch_size, seq_len), y being x shifted one token left."""
+        tokens, L = self.splits[split], self.seq_len
+        windows = self.global_batch(split, step)[batch_rows(micro_step, self.rank, self.batch_size, self.world_size)]
+        window = torch.from_numpy(np.stack([tokens[w * L : (w + 1) * L + 1] for w in windows]).astype(np.int64))
+        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+    def targets_in_step(self, split, step):
+        """Supervised tokens in step's whole global batch (see AlpacaLoader.targets_in_step): here, all of them."""
+        return self.global_rows * self.seq_len
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation data: bytes per token (for bits per byte) and HellaSwag.
+
+
+@functools.lru_cache(maxsize=None)
+def token_byte_lengths():
+    """The UTF-8 byte length of every token's text, as an int64 array indexed by token id. <|endoftext|> is not
+    text: 0 bytes. Bits per byte divides a loss by these, so models with other tokenizers or sequence lengths
+    compare."""
+    tokenizer = get_tokenizer()
+    lengths = [len(tokenizer.decode_single_token_bytes(i)) for i in range(EOT_TOKEN)]
+    return np.array(lengths + [0], dtype=np.int64)
+
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+def load_hellaswag(path):
+    """HellaSwag items from its JSONL (rowanz/hellaswag's hellaswag_val.jsonl: "ctx", "endings", "label"), as
+    (context tokens, [tokens of each ending], label). Each ending is scored as a completion of the context,
+    the way GPT-2 reproductions do it: " " + ending after the context."""
+    if path == "download":
+        path = download_hellaswag()
+    tokenizer, items = get_tokenizer(), []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    context, endings, label = item["ctx"], item["endings"], int(item["label"])
+                    if not (isinstance(endings, list) and len(endings) >= 2 and 0 <= label < len(endings)):
+                        raise ValueError
+                except (ValueError, KeyError, TypeError):
+                    raise DataError(f'{path} line {lineno} is not a HellaSwag item (JSON with "ctx", a list of '
+                                    f'"endings" and the "label" of the right one)')
+                items.append((tokenizer.encode_ordinary(context),
+                              [tokenizer.encode_ordinary(" " + ending) for ending in endings], label))
+    except OSError as e:
+        raise DataError(f"cannot read HellaSwag file {path}: {e.strerror}; pass hellaswag_val.jsonl from "
+                        f"github.com/rowanz/hellaswag, or 'download' when online")
+    if not items:
+        raise DataError(f"{path} holds no HellaSwag items")
+    return items
+
+
+def download_hellaswag():
+    """HellaSwag's validation set, fetched once into ~/.cache/gpt2-train."""
+    import urllib.request
+
+    path = os.path.join(os.path.expanduser("~"), ".cache", "gpt2-train", "hellaswag_val.jsonl")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with urllib.request.urlopen(HELLASWAG_URL, timeout=30) as response:
+                data = response.read()
+        except OSError as e:
+            raise DataError(f"cannot download HellaSwag from {HELLASWAG_URL} ({e}): offline? Download "
+                            f"hellaswag_val.jsonl elsewhere and pass its path")
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+    return path

@@ -207,11 +207,20 @@ class GPT(nn.Module):
             cache.length += T
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
+            return self.output_layer(x[:, [-1], :]), None
+        logits = self.output_layer(x)
         # float() so the softmax is in fp32 even under autocast; -100 marks positions with nothing to predict
-        loss = CrossEntropy.apply(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        loss = CrossEntropy.apply(logits.float().reshape(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
+
+    def output_layer(self, x):
+        """lm_head(x). On a GPU, tensor cores need matrix sizes that are multiples of 8 (and are fastest at 64),
+        and GPT-2's 50,257 is odd: the matmul runs with the weight padded by zero rows to a multiple of 64 and the
+        logits are sliced back, so the parameter, the checkpoints and the exported weights keep 50,257 rows. The
+        padded copy costs microseconds on a GPU; CPUs gain nothing from it (bench.py), so they skip it."""
+        if x.is_cuda:
+            return padded_linear(x, self.lm_head.weight, multiple=64)
+        return self.lm_head(x)
 
     def num_params(self, non_embedding=False):
         """Parameters, each counted once (the tied head is the token embedding). non_embedding drops both
@@ -337,6 +346,13 @@ class GPT(nn.Module):
             json.dump(hf_config, f, indent=2)
         for name in ("model.safetensors", "config.json"):
             os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+
+
+def padded_linear(x, weight, multiple):
+    """F.linear(x, weight) computed with weight's rows padded to a multiple of `multiple`: the same values."""
+    rows = weight.size(0)
+    padded = F.pad(weight, (0, 0, 0, -rows % multiple))
+    return F.linear(x, padded)[..., :rows]
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -23,9 +23,11 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import EOT_TOKEN, AlpacaLoader, DataError, TextLoader, get_tokenizer
+from data import (EOT_TOKEN, AlpacaLoader, DataError, ShardLoader, TextLoader, get_tokenizer, load_hellaswag,
+                  token_byte_lengths)
 from model import GPT, HUB_NAMES, PRESETS, GPTConfig
 
 DEFAULT_MODEL = "gpt2-micro"
@@ -46,9 +48,10 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser():
     p = OneLineParser(description="Train GPT-2 on a text file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--dataset_type", default="text", choices=["text", "alpaca"], help="text: a UTF-8 text file, the last 10%% "
-      "held out; alpaca: instruction records in a JSON list or JSONL file, trained on the responses, 5%% held out")
-    a("--dataset_path", default="input.txt", help="the dataset file")
+    a("--dataset_type", default="text", choices=["text", "alpaca", "shards"], help="text: a UTF-8 text file, the "
+      "last 10%% held out; alpaca: instruction records in a JSON list or JSONL file, trained on the responses, 5%% "
+      "held out; shards: a folder of token shards written by prepare.py")
+    a("--dataset_path", default="input.txt", help="the dataset file (a folder for shards)")
     a("--model", default=DEFAULT_MODEL, help=f"preset: {', '.join(PRESETS)}")
     a("--init_from", help="start from these weights instead of random ones, taking the model's shape from them: "
       "a checkpoint (out/ckpt.pt or its directory), a Hugging Face GPT-2 directory, or gpt2, gpt2-medium, ... "
@@ -79,6 +82,9 @@ def build_parser():
     a("--eval_interval", type=int, default=50, help="validation loss every this many steps, and at the end")
     a("--eval_steps", type=int, default=10, help="global batches of validation data per evaluation")
     a("--save_interval", type=int, default=200, help="checkpoint every this many steps, and at the end")
+    a("--hellaswag_path", help="HellaSwag's hellaswag_val.jsonl, or 'download' (online): its accuracy is logged "
+      "every --hellaswag_interval steps and at the end")
+    a("--hellaswag_interval", type=int, default=1000, help="steps between HellaSwag evaluations")
     a("--sample_tokens", type=int, default=200, help="length of the sample printed at the end (0: none)")
     a("--resume", action="store_true", help="continue the run in --out_dir from its ckpt.pt, with its saved config")
     a("--overwrite", action="store_true", help="start afresh even if --out_dir holds a checkpoint, replacing it")
@@ -97,6 +103,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    host_group: object = None  # a gloo process group for small host-side values (see train's stop flag)
 
     @property
     def ddp(self):
@@ -110,6 +117,13 @@ class Runtime:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def to_device(self, batch):
+        """A loader's (x, y) on the device. To a GPU from pinned memory, without waiting: the copy overlaps the
+        previous kernels instead of stalling the host."""
+        if self.device_type == "cuda":
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+        return tuple(t.to(self.device) for t in batch)
 
 
 def cpu_bf16_is_faster():
@@ -165,6 +179,7 @@ def setup_runtime(device="auto", dtype="auto"):
             torch.cuda.set_device(rt.device)
         # NCCL moves gradients GPU to GPU; gloo is the backend that works for CPU tensors
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        rt.host_group = dist.new_group(backend="gloo") if device == "cuda" else dist.group.WORLD
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
@@ -243,7 +258,8 @@ def model_config(args):
 
 def check_args(args):
     """Reject options that cannot work, before anything is loaded or written."""
-    for name in ("batch_size", "max_steps", "log_interval", "eval_interval", "eval_steps", "save_interval"):
+    for name in ("batch_size", "max_steps", "log_interval", "eval_interval", "eval_steps", "save_interval",
+                 "hellaswag_interval"):
         if getattr(args, name) <= 0:
             raise TrainError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("n_layer", "n_head", "n_embd", "seq_len", "total_batch_size"):
@@ -281,7 +297,7 @@ def batch_geometry(args, cfg, world_size):
 def make_loader(args, accum_steps, rt):
     """The loader of --dataset_type. Every loader has get_batch(split, step, micro_step) -> (x, y), y being -100
     where there is nothing to learn, and targets_in_step(split, step): the number of labels in the global batch."""
-    loader_class = {"text": TextLoader, "alpaca": AlpacaLoader}[args.dataset_type]
+    loader_class = {"text": TextLoader, "alpaca": AlpacaLoader, "shards": ShardLoader}[args.dataset_type]
     loader = loader_class(args.dataset_path, args.seq_len, args.batch_size, accum_steps,
                           rank=rt.rank, world_size=rt.world_size, seed=args.seed)
     if args.dataset_type == "alpaca" and rt.master:
@@ -407,7 +423,8 @@ def explicit_flags(parser, argv):
 
 # Options that may change when resuming: they decide how long and how the run goes on, not what it computes.
 RESUMABLE_OVERRIDES = {"max_steps", "device", "compile", "log_interval", "eval_interval", "eval_steps",
-                       "save_interval", "sample_tokens", "out_dir", "resume", "overwrite"}
+                       "save_interval", "sample_tokens", "out_dir", "resume", "overwrite", "hellaswag_path",
+                       "hellaswag_interval"}
 
 
 def prepare_resume(args, given):
@@ -474,6 +491,7 @@ def train(args, given):
     accum_steps = batch_geometry(args, cfg, world_size)
     rt = setup_runtime(args.device, args.dtype)
     loader = make_loader(args, accum_steps, rt)
+    hellaswag_items = load_hellaswag(args.hellaswag_path) if args.hellaswag_path else None
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = (init_model or GPT(cfg)).to(rt.device)
@@ -489,11 +507,13 @@ def train(args, given):
         start_step = ckpt["step"]
         del ckpt
     raw_model = model  # what is saved: never the compiled or DDP-wrapped module
-    flops_per_token, device_peak = raw_model.flops_per_token(args.seq_len), peak_flops(rt)  # for MFU
+    flops_per_token, device_peak = raw_model.flops_per_token(args.seq_len), None  # for MFU
     if args.compile:
         model = torch.compile(model)
     if rt.ddp:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        # gradients live in DDP's communication buckets: no copy between the two, less memory
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
+                    gradient_as_bucket_view=True)
 
     ckpt_path = os.path.join(args.out_dir, CHECKPOINT)
     metrics = None
@@ -523,9 +543,11 @@ def train(args, given):
     previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def all_ranks_mean(t):  # gloo has no AVG: sum, then divide
+        return all_ranks_sum(t) / rt.world_size
+
+    def all_ranks_sum(t):
         if rt.ddp:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= rt.world_size
         return t
 
     def save(step):
@@ -540,15 +562,17 @@ def train(args, given):
 
             # Reading the loss back waits for the device; do it only on steps that log, evaluate or save.
             if rt.ddp:  # a signal may reach the ranks at different steps: stop together
-                flag = torch.tensor([len(stop_signal)], dtype=torch.int32, device=rt.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                # a CPU tensor over gloo: a GPU tensor would make the host wait for the step's kernels
+                flag = torch.tensor([len(stop_signal)], dtype=torch.int32)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=rt.host_group)
                 stop_now = bool(flag.item())
             else:
                 stop_now = bool(stop_signal)
             last = step == args.max_steps
             do_eval = step % args.eval_interval == 0 or last
             do_save = step % args.save_interval == 0 or last or stop_now
-            if not (step % args.log_interval == 0 or do_eval or do_save):
+            do_hellaswag = hellaswag_items and (step % args.hellaswag_interval == 0 or last)
+            if not (step % args.log_interval == 0 or do_eval or do_save or do_hellaswag):
                 continue
             loss_value = all_ranks_mean(loss_sum).item()
             if not math.isfinite(loss_value):
@@ -559,17 +583,27 @@ def train(args, given):
             now = time.perf_counter()
             seconds_per_step = (now - last_log_time) / (step - last_log_step)
             tokens_per_sec = tokens_since_log / (now - last_log_time)
+            if device_peak is None:  # measured once the device is warm, as bench.py does
+                device_peak = peak_flops(rt)
+                now = time.perf_counter()
             last_log_time, last_log_step, tokens_since_log = now, step, 0
             record = {"step": step, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(grad_norm.item(), 6),
                       "tokens_per_sec": round(tokens_per_sec, 1),
                       "mfu": round(flops_per_token * tokens_per_sec / (device_peak * rt.world_size), 4)}
             if do_eval:
-                record["val_loss"] = round(evaluate(model, loader, rt, args, accum_steps, all_ranks_mean), 6)
+                val = evaluate(model, loader, rt, args, accum_steps, all_ranks_sum)
+                record.update({f"val_{name}": round(value, 6) for name, value in val.items()})
+            if do_hellaswag:
+                scores = hellaswag_accuracy(raw_model, hellaswag_items, rt, all_ranks_sum)
+                record.update({f"hellaswag_{name}": round(value, 6) for name, value in scores.items()})
+            if do_eval or "hellaswag_acc" in record:
                 last_log_time = time.perf_counter()  # evaluation time is not training speed
             if rt.master:
                 metrics.write(record)
                 minutes, seconds = divmod(round(seconds_per_step * (args.max_steps - step)), 60)
-                val = f" | val {record['val_loss']:.4f}" if do_eval else ""
+                val = f" | val {record['val_loss']:.4f} ({record['val_bpb']:.3f} bpb)" if do_eval else ""
+                if "hellaswag_acc_norm" in record:
+                    val += f" | hellaswag {record['hellaswag_acc_norm']:.4f}"
                 print(f"step {step}/{args.max_steps} | loss {loss_value:.4f}{val} | lr {lr:.2e} | "
                       f"norm {record['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | MFU {record['mfu']:.1%} | "
                       f"{seconds_per_step * 1000:.0f} ms/step | {minutes}m{seconds:02d}s left", flush=True)
@@ -609,7 +643,7 @@ def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
     labels_in_step = loader.targets_in_step("train", step - 1)
     tokens = 0
     for micro_step in range(accum_steps):
-        x, y = (t.to(rt.device) for t in loader.get_batch("train", step - 1, micro_step))
+        x, y = rt.to_device(loader.get_batch("train", step - 1, micro_step))
         if rt.ddp:
             # DDP all-reduces gradients during backward; between micro-steps that is wasted traffic, so sync
             # only on the last one. DDP reads the flag in forward, hence set before it.
@@ -629,22 +663,65 @@ def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
     return lr, loss_sum, grad_norm, tokens
 
 
+def label_losses(model, x, y, rt, byte_lengths):
+    """Sums over one batch's labelled tokens: (nats, labels, nats of text tokens, bytes of text tokens). Bits per
+    byte leaves out <|endoftext|>, which stands for no text (nanochat's convention)."""
+    with rt.autocast():
+        logits, _ = model(x, y)
+    y = y.flatten()
+    nats = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=-100, reduction="none")
+    text_bytes = byte_lengths[y.clamp(min=0)] * (y != -100)
+    return torch.stack([nats.sum(), (y != -100).sum(), (nats * (text_bytes > 0)).sum(), text_bytes.sum()])
+
+
+def loss_metrics(sums):
+    """loss (nats per label), perplexity and bits per byte from label_losses' sums, added up."""
+    nats, labels, text_nats, text_bytes = sums.tolist()
+    loss = nats / labels
+    return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bpb": text_nats / math.log(2) / max(text_bytes, 1)}
+
+
 @torch.no_grad()
-def evaluate(model, loader, rt, args, accum_steps, all_ranks_mean):
-    """Mean loss per label over eval_steps global batches of the validation split: the same batches at every
-    evaluation, split like training batches, so the figure does not depend on the number of processes or
-    micro-steps."""
+def evaluate(model, loader, rt, args, accum_steps, all_ranks_sum):
+    """Validation loss per label, perplexity and bits per byte over eval_steps global batches of the validation
+    split: the same batches at every evaluation, split like training batches, so the figures do not depend on the
+    number of processes or micro-steps. (eval.py covers a whole split.)"""
     model.eval()
-    total = torch.zeros((), device=rt.device)
-    labels = sum(loader.targets_in_step("val", step) for step in range(args.eval_steps))
+    byte_lengths = torch.from_numpy(token_byte_lengths()).to(rt.device)
+    sums = torch.zeros(4, device=rt.device, dtype=torch.float64)
     for step in range(args.eval_steps):
         for micro_step in range(accum_steps):
-            x, y = (t.to(rt.device) for t in loader.get_batch("val", step, micro_step))
-            with rt.autocast():
-                _, loss = model(x, y)
-            total += loss.float() * (y != -100).sum()
+            x, y = rt.to_device(loader.get_batch("val", step, micro_step))
+            sums += label_losses(model, x, y, rt, byte_lengths)
     model.train()
-    return all_ranks_mean(total * rt.world_size / labels).item()
+    return loss_metrics(all_ranks_sum(sums))
+
+
+@torch.no_grad()
+def hellaswag_accuracy(model, items, rt, all_ranks_sum):
+    """HellaSwag as GPT-2 reproductions score it: each ending's tokens are scored by their loss after the context;
+    acc picks the ending with the lowest total loss, acc_norm the lowest loss per token (so long endings are not
+    penalised for their length). Each rank scores its share of the items."""
+    model.eval()
+    counts = torch.zeros(3, device=rt.device, dtype=torch.float64)  # items, right by acc, right by acc_norm
+    context_size = model.config.block_size + 1  # x and y of the longest row the model takes
+    for context, endings, label in items[rt.rank :: rt.world_size]:
+        rows = [(context + ending)[-context_size:] for ending in endings]  # too long: drop the context's start
+        x = torch.full((len(rows), max(map(len, rows)) - 1), EOT_TOKEN, dtype=torch.long)
+        y = torch.full_like(x, -100)
+        for i, (row, ending) in enumerate(zip(rows, endings)):
+            x[i, : len(row) - 1] = torch.tensor(row[:-1])
+            y[i, len(row) - 1 - len(ending) : len(row) - 1] = torch.tensor(ending)
+        x, y = rt.to_device((x, y))
+        with rt.autocast():
+            logits, _ = model(x, y)
+        nats = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-100, reduction="none").sum(1)
+        lengths = torch.tensor([len(ending) for ending in endings], device=rt.device)
+        counts += torch.tensor([1, nats.argmin().item() == label, (nats / lengths).argmin().item() == label],
+                               device=rt.device, dtype=torch.float64)
+    model.train()
+    n, right, right_norm = all_ranks_sum(counts).tolist()
+    return {"acc": right / n, "acc_norm": right_norm / n}
 
 
 def print_sample(model, rt, args, loader):

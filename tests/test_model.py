@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import model as model_module
 from model import GPT, PRESETS, CrossEntropy, GPTConfig, KVCache, filter_logits
 
 
@@ -281,3 +282,14 @@ def test_from_pretrained_explains_what_is_wrong_with_a_directory(tmp_path, break
     breakage(tmp_path)
     with pytest.raises(ValueError, match=message):
         GPT.from_pretrained(str(tmp_path))
+
+
+def test_padding_the_output_layer_for_gpu_tensor_cores_changes_no_value():
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 5, 16, requires_grad=True), torch.randn(97, 16, requires_grad=True)
+    padded = model_module.padded_linear(x, weight, multiple=64)
+    plain = F.linear(x, weight)
+    assert padded.shape == plain.shape == (2, 5, 97)
+    torch.testing.assert_close(padded, plain)
+    grads = torch.autograd.grad(padded.square().sum(), (x, weight))
+    torch.testing.assert_close(grads, torch.autograd.grad(plain.square().sum(), (x, weight)))

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import prepare
 import train
 from conftest import REPO
 from data import TextLoader
@@ -35,7 +36,8 @@ def losses(records):
 
 
 def test_help_lists_every_option_with_its_default():
-    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, COLUMNS="200")).stdout  # wide: no default cut across lines
     for option in ["--dataset_type", "--dataset_path", "--model", "--n_layer", "--n_head", "--n_embd", "--batch_size",
                    "--seq_len", "--total_batch_size", "--max_steps", "--warmup_steps", "--max_lr", "--min_lr",
                    "--weight_decay", "--grad_clip", "--dtype", "--device", "--compile", "--seed", "--out_dir",
@@ -80,8 +82,14 @@ def test_four_micro_steps_equal_one_step_on_a_four_times_larger_batch(small_text
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
-def test_resuming_gives_the_losses_of_an_uninterrupted_run(small_text, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dataset_type", ["text", "shards"])
+def test_resuming_gives_the_losses_of_an_uninterrupted_run(dataset_type, small_text, tmp_path, monkeypatch):
     flags = ["--max_steps", "8", "--save_interval", "5", "--dropout", "0.1"]  # dropout: so the RNG matters too
+    if dataset_type == "shards":  # a corpus of shards, a window crossing from one to the next
+        prepare.main([small_text, "--out_dir", str(tmp_path / "shards"), "--shard_tokens", "1000",
+                      "--val_tokens", "1000", "--workers", "1"])
+        small_text = str(tmp_path / "shards")
+        flags += ["--dataset_type", "shards"]
     interrupted = tmp_path / "interrupted"
     save_checkpoint = train.save_checkpoint
 
@@ -158,6 +166,15 @@ def test_torchrun_with_two_processes_equals_one_process_with_double_accumulation
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
     assert [r["val_loss"] for r in two if "val_loss" in r] == pytest.approx(
         [r["val_loss"] for r in one if "val_loss" in r], rel=1e-5)
+
+
+def test_compiled_and_eager_training_give_the_same_losses(small_text, tmp_path):
+    flags = ["--max_steps", "2", "--eval_interval", "2", "--batch_size", "2"]
+    eager = run_train(small_text, tmp_path / "eager", *flags)
+    compiled = run_train(small_text, tmp_path / "compiled", *flags, "--compile")
+    # the same math in another order of operations: equal to float rounding, far inside bf16's 1e-2
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-3)
+    assert compiled[-1]["val_loss"] == pytest.approx(eager[-1]["val_loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("bf16_faster, expected", [(True, torch.bfloat16), (False, torch.float32)])

@@ -1,0 +1,122 @@
+"""
+Evaluate a model: loss, perplexity and bits per byte over a whole split, and HellaSwag accuracy.
+
+    python eval.py --init_from out                               # the run's own validation data
+    python eval.py --init_from gpt2 --dataset_path input.txt     # any model on a text file's last 10%
+    python eval.py --init_from out --dataset_type shards --dataset_path fineweb10B --max_tokens 10_000_000
+    python eval.py --init_from gpt2 --hellaswag_path hellaswag_val.jsonl   # or 'download' (online)
+
+Text and shards: the split is cut into consecutive windows of --seq_len tokens, each token predicted once with the
+preceding tokens of its window as context. Alpaca: every example of the split, loss on its response. Bits per byte
+divide the loss by the UTF-8 bytes of the predicted tokens, so models with other tokenizers or context lengths
+compare. Prints a line per metric, then one JSON line.
+"""
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+
+import train
+from data import AlpacaLoader, DataError, load_hellaswag, token_byte_lengths
+
+
+def build_parser():
+    p = train.OneLineParser(description="Evaluate a model on a split and on HellaSwag.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--init_from", default="out", help="a checkpoint (out/ckpt.pt or its directory), a Hugging Face GPT-2 "
+      "directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    a("--dataset_type", choices=["text", "alpaca", "shards"], help="as in train.py (default: the checkpoint's, else "
+      "text)")
+    a("--dataset_path", help="as in train.py (default: the checkpoint's, else input.txt; 'none' skips the split)")
+    a("--split", default="val", choices=["val", "train"], help="which split to evaluate")
+    a("--seq_len", type=int, help="tokens per window (default: the model's context)")
+    a("--batch_size", type=int, default=8, help="windows or examples per forward pass")
+    a("--max_tokens", type=int, help="stop after about this many predicted tokens (default: the whole split)")
+    a("--hellaswag_path", help="HellaSwag's hellaswag_val.jsonl, or 'download' (online)")
+    a("--hellaswag_limit", type=int, help="score only the first N items")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype")
+    return p
+
+
+def windows(tokens, seq_len, batch_size, max_tokens):
+    """(x, y) batches of consecutive windows over a token array: every token but the first predicted once."""
+    n_windows = -(-(len(tokens) - 1) // seq_len)  # the last window may be shorter
+    if max_tokens:
+        n_windows = min(n_windows, -(-max_tokens // seq_len))
+    for first in range(0, n_windows, batch_size):
+        rows = [np.asarray(tokens[w * seq_len : (w + 1) * seq_len + 1], dtype=np.int64)
+                for w in range(first, min(first + batch_size, n_windows))]
+        x = torch.full((len(rows), max(map(len, rows)) - 1), 0, dtype=torch.long)
+        y = torch.full_like(x, -100)
+        for i, row in enumerate(rows):
+            x[i, : len(row) - 1] = torch.from_numpy(row[:-1])
+            y[i, : len(row) - 1] = torch.from_numpy(row[1:])
+        yield x, y
+
+
+def alpaca_batches(loader, split, batch_size, max_tokens):
+    ids, predicted = loader.splits[split], 0
+    for first in range(0, len(ids), batch_size):
+        x, y = loader.collate(ids[first : first + batch_size])
+        yield x, y
+        predicted += int((y != -100).sum())
+        if max_tokens and predicted >= max_tokens:
+            return
+
+
+@torch.no_grad()
+def evaluate_split(model, args, rt):
+    loader = train.make_loader(args, 1, rt)
+    byte_lengths = torch.from_numpy(token_byte_lengths()).to(rt.device)
+    if isinstance(loader, AlpacaLoader):
+        batches = alpaca_batches(loader, args.split, args.batch_size, args.max_tokens)
+    else:
+        batches = windows(loader.splits[args.split], args.seq_len, args.batch_size, args.max_tokens)
+    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
+    for x, y in batches:
+        sums += train.label_losses(model, *rt.to_device((x, y)), rt, byte_lengths)
+    return {**train.loss_metrics(sums), "tokens": int(sums[1].item())}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.batch_size <= 0 or (args.max_tokens is not None and args.max_tokens <= 0):
+            raise train.TrainError("--batch_size and --max_tokens must be positive")
+        saved = {}
+        if train.os.path.isfile(args.init_from) or train.os.path.isfile(
+                train.os.path.join(args.init_from, train.CHECKPOINT)):
+            saved = train.load_checkpoint(args.init_from)["config"]  # the run's own data, by default
+        args.dataset_type = args.dataset_type or saved.get("dataset_type", "text")
+        args.dataset_path = args.dataset_path or saved.get("dataset_path", "input.txt")
+        rt = train.setup_runtime(args.device, args.dtype)
+        model = train.load_model(args.init_from).to(rt.device).eval()
+        args.seq_len = args.seq_len or saved.get("seq_len") or model.config.block_size
+        if args.seq_len > model.config.block_size:
+            raise train.TrainError(f"--seq_len {args.seq_len} is longer than the model's context "
+                                   f"({model.config.block_size})")
+        args.seed = saved.get("seed", 1337)  # the seed of the Alpaca split and of the loaders' defaults
+        results = {"model": args.init_from}
+        if args.dataset_path != "none":
+            split = evaluate_split(model, args, rt)
+            results.update({f"{args.split}_{name}": value for name, value in split.items()})
+            results["dataset"] = f"{args.dataset_type}:{args.dataset_path}"
+        if args.hellaswag_path:
+            items = load_hellaswag(args.hellaswag_path)[: args.hellaswag_limit]
+            scores = train.hellaswag_accuracy(model, items, rt, lambda t: t)
+            results.update({"hellaswag_items": len(items), **{f"hellaswag_{k}": v for k, v in scores.items()}})
+    except (train.TrainError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for key, value in results.items():
+        print(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}")
+    print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

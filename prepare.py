@@ -1,0 +1,370 @@
+"""
+Tokenize a corpus too big for memory into shards of GPT-2 tokens, for train.py --dataset_type shards.
+
+    python prepare.py corpus/ --out_dir shards                  # a folder of .txt, .md, .jsonl and .parquet files
+    python prepare.py a.jsonl b.jsonl --out_dir shards --text_field content --val_tokens 1_000_000
+    python prepare.py --hf_dataset HuggingFaceFW/fineweb-edu --hf_config sample-10BT --out_dir fineweb10B  # online
+
+Each document becomes <|endoftext|> then its tokens (GPT-2's and llm.c's convention), so that token separates
+documents. The stream of tokens is cut into shards of exactly --shard_tokens tokens (a document may straddle two; a
+split's last shard may be shorter): the first --val_tokens tokens are the validation split (val_000000.bin, ...), the
+rest the training split (train_000000.bin, ...). A shard is in llm.c's format, 256 int32 (magic 20240520, version 1,
+token count, zeros) then the tokens as uint16: llm.c reads these shards, and data.ShardLoader reads llm.c's.
+
+Memory stays flat: documents are streamed, tokenized by --workers processes, written in order (the same shards
+whatever the number of workers), each shard to a temporary file renamed into place when full. OUT_DIR/manifest.json,
+rewritten after each shard, records what each complete shard took from the input stream: rerunning the command (after
+a crash, Ctrl-C or a damaged shard) checks the complete shards, skips their documents untokenized and carries on from
+the first missing or damaged one.
+"""
+
+import argparse
+import hashlib
+import importlib
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import time
+from collections import deque
+
+import numpy as np
+
+from data import EOT_TOKEN, SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_NAME, SHARD_VERSION, DataError, get_tokenizer, \
+    shard_tokens
+
+TEXT_SUFFIXES = (".txt", ".md")  # a document per file; in a folder, other files (README, images, .json) are skipped
+SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+TEXT_PIECE = 1 << 20  # characters: a longer text file is read, and tokenized, in pieces of about this many
+# A piece ends just before a "\n" followed by a non-space. GPT-2's pre-tokenizer makes such a "\n" a token of its
+# own and ends the previous token before it, so the pieces' tokens are exactly those of the whole text.
+PIECE_END = re.compile(r"\n(?=\S)")
+TASK_CHARS = 1 << 20  # characters of text sent to a worker at a time
+MANIFEST = "manifest.json"
+
+
+class OneLineParser(argparse.ArgumentParser):  # as train.py's; prepare.py does not import the trainer
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    p = OneLineParser(description="Tokenize a corpus into shards of GPT-2 tokens.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("inputs", nargs="*", metavar="INPUT", help="text files (.txt, .md: one document each), JSONL files (.jsonl: "
+      "a document a line, in --text_field), Parquet files (.parquet: a document a row, column --text_field; needs "
+      "pyarrow), or folders of these (searched recursively, in path order; hidden and other files skipped)")
+    a("--out_dir", required=True, help="where the shards and manifest.json go")
+    a("--text_field", default="text", help="the JSONL field or Parquet column (or Hugging Face column) of the text")
+    a("--shard_tokens", type=int, default=100_000_000, help="tokens per shard, 2 bytes each")
+    a("--val_tokens", type=int, default=10_000_000, help="the first this many tokens are the validation split; "
+      "for a corpus under a billion tokens, about 1%% of it")
+    a("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
+    a("--overwrite", action="store_true", help="delete the shards and manifest in --out_dir and start afresh")
+    a("--hf_dataset", help="instead of INPUTs, stream this Hugging Face dataset (needs `pip install datasets`)")
+    a("--hf_config", help="the dataset's configuration, e.g. sample-10BT")
+    a("--hf_split", default="train", help="the dataset's split")
+    return p
+
+
+def input_files(paths):
+    """The files to read, in order: each path given, or a folder's files with a known suffix, sorted by path."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git and the like
+                found += [os.path.join(root, n) for n in names if n.endswith(SUFFIXES) and not n.startswith(".")]
+            files += sorted(found)
+            if not found:
+                raise DataError(f"folder {path} holds no {', '.join(SUFFIXES)} files")
+        elif not os.path.exists(path):
+            raise DataError(f"input {path} does not exist")
+        elif not path.endswith(SUFFIXES):
+            raise DataError(f"input {path} is not {', '.join(SUFFIXES)}: prepare.py reads text files, JSONL and "
+                            f"Parquet by their suffix (rename a plain text file to .txt)")
+        else:
+            files.append(path)
+    if any(f.endswith(".parquet") for f in files):
+        require("pyarrow", "reading .parquet files")
+    return files
+
+
+def require(module, what):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"{what} needs {module}: pip install {module}")
+
+
+def pieces(files, field):
+    """The input stream: (text, starts_a_document) for each document, or piece of a long text file, in order."""
+    for path in files:
+        try:
+            if path.endswith(".jsonl"):
+                with open(path, "rb") as f:  # binary: only b"\n" ends a line (text mode also splits at "\r")
+                    for lineno, line in enumerate(f, 1):
+                        if line.strip():
+                            yield jsonl_text(line, field, f"{path} line {lineno}"), True
+            elif path.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                table, row = pq.ParquetFile(path), 0
+                if field not in table.schema_arrow.names:
+                    raise DataError(f"{path} has no column {field!r} (it has {', '.join(table.schema_arrow.names)}): "
+                                    f"pass the text's column as --text_field")
+                for batch in table.iter_batches(batch_size=1024, columns=[field]):  # a batch at a time: flat memory
+                    for text in batch.column(0).to_pylist():
+                        row += 1
+                        if not isinstance(text, str):
+                            raise DataError(f"{path} row {row}: column {field!r} is {text!r:.40}, not text")
+                        yield text, True
+            else:
+                with open(path, encoding="utf-8", newline="") as f:  # newline="": the text as it is, \r\n and all
+                    text, first = "", True  # (a file without line breaks is read whole)
+                    while chunk := f.read(TEXT_PIECE):
+                        start = max(TEXT_PIECE, len(text) - 1)  # where an end may be: not in what was searched
+                        text += chunk
+                        while (end := PIECE_END.search(text, start)) is not None:
+                            yield text[: end.start()], first
+                            text, first, start = text[end.start() :], False, TEXT_PIECE
+                    yield text, first
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not UTF-8 text: convert it to UTF-8")
+        except (OSError, ValueError) as e:  # pyarrow's errors are among these (ArrowInvalid is a ValueError)
+            raise DataError(f"cannot read {path}: {e}")
+
+
+def jsonl_text(line, field, where):
+    try:
+        record = json.loads(line)
+    except ValueError as e:  # a JSONDecodeError, or a UnicodeDecodeError
+        raise DataError(f"{where} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')}): fix or remove that line")
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        raise DataError(f"{where} has no text in field {field!r}: every line needs one (or pass --text_field)")
+    return record[field]
+
+
+def hf_pieces(args):
+    """The documents of a Hugging Face dataset, streamed: nothing is downloaded ahead or held."""
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(args.hf_dataset, args.hf_config, split=args.hf_split, streaming=True)
+        for i, row in enumerate(rows):
+            if not isinstance(row.get(args.text_field), str):
+                raise DataError(f"row {i} of {args.hf_dataset} has no text in column {args.text_field!r}")
+            yield row[args.text_field], True
+    except DataError:
+        raise
+    except Exception as e:  # no network, an unknown name or config: the hub's own words, on one line
+        message = " ".join(str(e).split())[:300]
+        raise DataError(f"cannot stream {args.hf_dataset} from the Hugging Face hub (is this machine online?): "
+                        f"{message}")
+
+
+def encode(task):
+    """In a worker: a task's pieces -> (their tokens, concatenated, as uint16; each piece's token count)."""
+    tokenizer = get_tokenizer()
+    parts = [([EOT_TOKEN] if starts else []) + tokenizer.encode_ordinary(text) for text, starts in task]
+    return np.array(list(itertools.chain.from_iterable(parts)), dtype=np.uint16), np.array([len(p) for p in parts])
+
+
+def encoded(stream, workers):
+    """encode() of the pieces, a task of about TASK_CHARS characters at a time, by `workers` processes, in order.
+    Not Pool.imap: its feeder thread reads the input as fast as it can, so memory would grow with the corpus; here at
+    most two tasks per worker are in flight."""
+    def tasks():
+        task, chars = [], 0
+        for piece in stream:
+            task.append(piece)
+            chars += len(piece[0])
+            if chars >= TASK_CHARS:
+                yield task
+                task, chars = [], 0
+        if task:
+            yield task
+
+    if workers == 1:
+        yield from map(encode, tasks())
+        return
+    get_tokenizer()  # built once here: workers forked from this process inherit it
+    # Ctrl-C goes to the whole process group: the workers leave it to this process, which stops them
+    with multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+        in_flight = deque()
+        for task in tasks():
+            in_flight.append(pool.apply_async(encode, (task,)))
+            if len(in_flight) >= 2 * workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
+class Shard:
+    """A shard being written: a temporary file beside its final name, renamed into place once complete."""
+
+    def __init__(self, out_dir, name, capacity):
+        self.name, self.path, self.capacity, self.count = name, os.path.join(out_dir, name), capacity, 0
+        self.file = open(self.path + ".tmp", "wb")
+        self.file.write(bytes(SHARD_HEADER_BYTES))  # written properly by close(), once the count is known
+
+    def write(self, tokens):
+        self.file.write(tokens.astype("<u2", copy=False).tobytes())
+        self.count += len(tokens)
+
+    def close(self):
+        self.file.seek(0)
+        self.file.write(np.array([SHARD_MAGIC, SHARD_VERSION, self.count], dtype="<i4").tobytes())
+        self.file.close()
+        os.replace(self.path + ".tmp", self.path)
+        return {"file": self.name, "tokens": self.count, "bytes": SHARD_HEADER_BYTES + 2 * self.count}
+
+    def abort(self):
+        self.file.close()
+        os.remove(self.path + ".tmp")
+
+
+def shard_name_and_size(k, args):
+    """Shard k of the stream: the validation shards first, then the training ones."""
+    n_val = -(-args.val_tokens // args.shard_tokens)
+    if k < n_val:
+        return f"val_{k:06d}.bin", min(args.shard_tokens, args.val_tokens - k * args.shard_tokens)
+    return f"train_{k - n_val:06d}.bin", args.shard_tokens
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def complete_shards(args, config):
+    """The manifest's shards that are still whole (all of them, or up to the first missing or damaged one), and
+    whether the manifest says the stream ended. Refuses a folder of other inputs or options."""
+    names = os.listdir(args.out_dir) if os.path.isdir(args.out_dir) else []
+    if args.overwrite:
+        for name in names:
+            if SHARD_NAME.search(name) or name.endswith(".tmp") or name == MANIFEST:
+                os.remove(os.path.join(args.out_dir, name))
+        return [], False
+    if not any(SHARD_NAME.search(name) or name == MANIFEST for name in names):
+        return [], False  # a fresh folder (a leftover .tmp is simply written over)
+    path = os.path.join(args.out_dir, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        manifest = {}
+    if manifest.get("config") != config:
+        changed = [k for k in config if manifest.get("config", {}).get(k) != config[k]]
+        changed = sorted({"inputs (or inputs edited since)" if k.startswith("inputs") else f"--{k}" for k in changed})
+        why = f"made with other {', '.join(changed)}" if manifest else f"but no readable {MANIFEST}"
+        raise DataError(f"{args.out_dir} holds shards {why}: use a fresh --out_dir, or --overwrite to replace them")
+    done = []
+    for shard in manifest["shards"]:
+        try:
+            whole = len(shard_tokens(os.path.join(args.out_dir, shard["file"]))) == shard["tokens"]
+        except (DataError, OSError):
+            whole = False
+        if not whole:
+            break
+        done.append(shard)
+    return done, manifest.get("done", False) and len(done) == len(manifest["shards"])
+
+
+def prepare(args):
+    if args.shard_tokens < 1 or args.val_tokens < 0 or args.workers < 1:
+        raise DataError("--shard_tokens and --workers must be at least 1, --val_tokens at least 0")
+    if not args.inputs and not args.hf_dataset:
+        raise DataError("no inputs: pass text, JSONL or Parquet files or folders of them, or --hf_dataset NAME")
+    if args.inputs and args.hf_dataset:
+        raise DataError("pass INPUT files or --hf_dataset, not both")
+    config = {"tokenizer": "gpt2", "dtype": "uint16", "text_field": args.text_field, "shard_tokens": args.shard_tokens,
+              "val_tokens": args.val_tokens, "text_piece": TEXT_PIECE}
+    if args.hf_dataset:
+        require("datasets", "--hf_dataset")
+        config["inputs"] = [args.hf_dataset, args.hf_config, args.hf_split]
+        stream = hf_pieces(args)
+    else:
+        files = input_files(args.inputs)
+        config["inputs"] = [os.path.abspath(p) for p in args.inputs]
+        listing = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+        # the files as they are now: an edited input no longer matches the shards made from it
+        config["inputs_sha256"] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+        stream = pieces(files, args.text_field)
+    shards, finished = complete_shards(args, config)
+    if finished:
+        print(f"{args.out_dir}: all {len(shards)} shards are already complete", file=sys.stderr)
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
+    # Written as each shard completes. A shard's entry: file, tokens, bytes, and where the stream stands after it:
+    # "pieces" it and the shards before hold whole, "skip_tokens" they hold of the next one (a straddling document).
+    manifest = {"config": config, "shards": shards, "done": False}
+    # Resume: skip the pieces the complete shards hold whole, then the tokens they hold of the next one.
+    n_pieces, discard = (shards[-1]["pieces"], shards[-1]["skip_tokens"]) if shards else (0, 0)
+    if shards:
+        print(f"{args.out_dir}: {len(shards)} shards complete, resuming after them", file=sys.stderr)
+    shard, n_docs, n_tokens, t0, shown = None, 0, 0, time.time(), 0.0
+    try:
+        for tokens, lengths in encoded(itertools.islice(stream, n_pieces, None), args.workers):
+            ends, used = np.cumsum(lengths), min(discard, len(tokens))  # used: tokens of this task consumed
+            discard -= used
+            while used < len(tokens):
+                if shard is None:
+                    shard = Shard(args.out_dir, *shard_name_and_size(len(shards), args))
+                take = min(len(tokens) - used, shard.capacity - shard.count)
+                shard.write(tokens[used : used + take])
+                used += take
+                if shard.count == shard.capacity:  # record the pieces it holds whole, and its part of the next
+                    whole = int(np.searchsorted(ends, used, side="right"))
+                    skip = used - int(ends[whole - 1]) if whole else used
+                    shards.append({**shard.close(), "pieces": n_pieces + whole, "skip_tokens": skip})
+                    shard = None
+                    write_json(os.path.join(args.out_dir, MANIFEST), manifest)
+            n_pieces += len(lengths)
+            n_docs += int((tokens == EOT_TOKEN).sum())  # encode_ordinary never makes it: one per document
+            n_tokens += len(tokens)
+            if time.time() - shown >= 1:
+                shown = time.time()
+                print(f"\r{n_docs:,} documents, {n_tokens:,} tokens, {n_tokens / (shown - t0):,.0f} tokens/s",
+                      end="", file=sys.stderr, flush=True)
+        if shard is not None:  # the stream's last, shorter shard
+            shards.append({**shard.close(), "pieces": n_pieces, "skip_tokens": 0})
+            shard = None
+    finally:
+        if shard is not None:
+            shard.abort()
+        if shown:
+            print(file=sys.stderr)
+    n_val = sum(s["tokens"] for s in shards if s["file"].startswith("val"))
+    n_train = sum(s["tokens"] for s in shards) - n_val
+    if not shards:
+        raise DataError("the inputs hold no documents")
+    if n_train == 0:
+        raise DataError(f"the inputs hold {n_val} tokens, all of them taken by the validation split (--val_tokens "
+                        f"{args.val_tokens}): rerun with a smaller --val_tokens and --overwrite")
+    manifest["done"] = True
+    write_json(os.path.join(args.out_dir, MANIFEST), manifest)
+    print(f"{args.out_dir}: {len(shards)} shards, {n_val:,} validation and {n_train:,} training tokens",
+          file=sys.stderr)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        prepare(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the same command carries on after the last complete shard", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

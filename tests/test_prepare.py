@@ -1,0 +1,384 @@
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import prepare
+from conftest import REPO
+from data import DataError, ShardLoader, batch_rows, get_tokenizer, shuffled_index
+
+EOT = data.EOT_TOKEN
+OPTIONS = ["--shard_tokens", "1000", "--val_tokens", "1500"]  # about 10,000 tokens: 2 val shards, 9 train shards
+
+
+@pytest.fixture(autouse=True)
+def small_tasks(monkeypatch):
+    """Tasks of ~2,000 characters instead of 1M, so 2 workers share even a small corpus, and shards end mid-task."""
+    monkeypatch.setattr(prepare, "TASK_CHARS", 2000)
+
+
+def documents(n=300):
+    rng = np.random.default_rng(0)
+    words = "the of and a to in is was he for it with as his on be at by I you".split()
+    docs = [" ".join(rng.choice(words, rng.integers(3, 60))) + "\n" * (i % 3) for i in range(n)]
+    docs[5] = "Special text is text: <|endoftext|>. naïve café 東京 🙂\r\nA line\n\n  and more  \n"
+    docs[9] = ""  # an empty document is its <|endoftext|> alone
+    return docs
+
+
+def expected_tokens(docs):
+    return np.array([t for doc in docs for t in [EOT] + get_tokenizer().encode_ordinary(doc)])
+
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps({"id": i, "text": doc}) + "\n" for i, doc in enumerate(docs)), "utf-8")
+    return str(path)
+
+
+def run(out, *inputs, workers=2, options=OPTIONS):
+    prepare.main([*map(str, inputs), "--out_dir", str(out), "--workers", str(workers), *options])
+
+
+def shard_names(out):
+    return sorted(name for name in os.listdir(out) if name.endswith(".bin"))
+
+
+def split_tokens(out, split):
+    return np.concatenate([data.shard_tokens(os.path.join(out, name)) for name in shard_names(out)
+                           if name.startswith(split)])
+
+
+def shard_bytes(out):
+    return {name: open(os.path.join(out, name), "rb").read() for name in shard_names(out)}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_jsonl(tmp_path / "docs.jsonl", documents())
+
+
+def test_shards_hold_each_document_as_eot_then_its_tokens_in_order_validation_first(tmp_path, corpus):
+    run(tmp_path / "out", corpus)
+    val, train = split_tokens(tmp_path / "out", "val"), split_tokens(tmp_path / "out", "train")
+    assert len(val) == 1500
+    np.testing.assert_array_equal(np.concatenate([val, train]), expected_tokens(documents()))
+
+
+def test_every_shard_but_the_last_holds_exactly_shard_tokens_in_llm_c_format(tmp_path, corpus):
+    run(tmp_path / "out", corpus)
+    counts = {}
+    for name in shard_names(tmp_path / "out"):
+        path = tmp_path / "out" / name
+        header = np.fromfile(path, dtype="<i4", count=256)
+        assert list(header[:2]) == [20240520, 1] and not header[3:].any()  # llm.c's GPT-2 magic and version
+        assert os.path.getsize(path) == 1024 + 2 * header[2]
+        counts[name] = int(header[2])
+    assert [counts.pop("val_000000.bin"), counts.pop("val_000001.bin")] == [1000, 500]
+    train = [counts[name] for name in sorted(counts)]
+    assert len(train) == 9 and set(train[:-1]) == {1000} and 0 < train[-1] <= 1000
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["done"] and (manifest["config"]["tokenizer"], manifest["config"]["dtype"]) == ("gpt2", "uint16")
+    assert [s["file"] for s in manifest["shards"]] == ["val_000000.bin", "val_000001.bin"] + sorted(counts)
+
+
+def test_one_and_two_workers_write_identical_shards(tmp_path, corpus):
+    run(tmp_path / "one", corpus, workers=1)
+    run(tmp_path / "two", corpus, workers=2)
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+
+
+def test_text_files_a_folder_of_them_and_jsonl_give_the_same_shards(tmp_path):
+    docs = documents()
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)  # sorted by path: corpus/doc_000.txt ... then corpus/sub/doc_150.txt ...
+    paths = [folder / ("sub" if i >= 150 else "") / f"doc_{i:03d}.txt" for i in range(len(docs))]
+    for path, doc in zip(paths, docs):
+        path.write_bytes(doc.encode("utf-8"))  # bytes: \r\n stays \r\n
+    (folder / "README").write_text("not a document")  # skipped: no known suffix
+    (folder / ".hidden.txt").write_text("skipped too")
+    run(tmp_path / "files", *paths)
+    run(tmp_path / "folder", folder)
+    run(tmp_path / "jsonl", write_jsonl(tmp_path / "a.jsonl", docs[:100]),
+        write_jsonl(tmp_path / "b.jsonl", docs[100:]))
+    assert shard_bytes(tmp_path / "files") == shard_bytes(tmp_path / "folder") == shard_bytes(tmp_path / "jsonl")
+
+
+def test_parquet_gives_the_same_shards_as_jsonl(tmp_path, corpus):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"id": range(300), "text": documents()}), tmp_path / "docs.parquet", row_group_size=64)
+    run(tmp_path / "parquet", tmp_path / "docs.parquet")
+    run(tmp_path / "jsonl", corpus)
+    assert shard_bytes(tmp_path / "parquet") == shard_bytes(tmp_path / "jsonl")
+
+
+def test_a_long_text_file_tokenized_in_pieces_gives_the_tokens_of_the_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "TEXT_PIECE", 200)  # cut Shakespeare into ~100 pieces
+    with open(os.path.join(REPO, "input.txt"), encoding="utf-8") as f:
+        text = f.read(20_000) + "\n\n\nZ\r\nY\n  X \n\tW\n"
+    (tmp_path / "play.txt").write_text(text, encoding="utf-8", newline="")
+    run(tmp_path / "out", tmp_path / "play.txt")
+    tokens = np.concatenate([split_tokens(tmp_path / "out", "val"), split_tokens(tmp_path / "out", "train")])
+    np.testing.assert_array_equal(tokens, [EOT] + get_tokenizer().encode_ordinary(text))
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"][-1]["pieces"] > 50
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "zeroed header"])
+def test_a_rerun_skips_complete_shards_and_redoes_a_damaged_one_and_those_after(tmp_path, corpus, monkeypatch, damage):
+    encoded = []  # pieces tokenized, counted in this process: --workers 1
+    encode = prepare.encode
+    monkeypatch.setattr(prepare, "encode", lambda task: encoded.extend(task) or encode(task))
+    out = tmp_path / "out"
+    run(out, corpus, workers=1)
+    first = shard_bytes(out)
+    files = [shard["file"] for shard in json.loads((out / "manifest.json").read_text())["shards"]]  # stream order
+    assert len(encoded) == 300
+    def identities():  # a rewritten shard is a new file, renamed into place
+        return {name: (os.stat(out / name).st_ino, os.stat(out / name).st_mtime_ns) for name in files}
+
+    before = identities()
+    encoded.clear()
+    run(out, corpus, workers=1)  # all complete: nothing tokenized, nothing rewritten
+    assert encoded == [] and identities() == before
+    damaged = out / "train_000004.bin"
+    if damage == "truncated":
+        damaged.write_bytes(damaged.read_bytes()[:-100])
+    elif damage == "missing":
+        damaged.unlink()
+    else:
+        damaged.write_bytes(bytes(1024) + damaged.read_bytes()[1024:])
+    run(out, corpus, workers=1)
+    assert shard_bytes(out) == first
+    after = identities()
+    redone = [name for name in files if after[name] != before[name]]
+    assert redone == files[files.index("train_000004.bin") :]  # the earlier ones were checked and kept
+    assert 0 < len(encoded) < 200  # fast-forwarded past the pieces of the 6 complete shards
+
+
+def test_a_rerun_with_other_options_or_edited_inputs_is_refused_unless_overwrite(tmp_path, corpus, capsys):
+    run(tmp_path / "out", corpus)
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path / "out", corpus, options=["--shard_tokens", "999", "--val_tokens", "1500"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "other --shard_tokens: use a fresh --out_dir, or --overwrite" in err
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"text": "one more"}) + "\n")
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out", corpus)
+    assert "other inputs" in capsys.readouterr().err
+    run(tmp_path / "out", corpus, options=["--shard_tokens", "999", "--val_tokens", "1500", "--overwrite"])
+    assert set(data.shard_tokens(tmp_path / "out" / "train_000000.bin").shape) == {999}
+
+
+GOOD = json.dumps({"text": "fine"})
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (None, None, "no inputs: pass text, JSONL or Parquet files"),
+        ("nope.txt", None, "input .*nope.txt does not exist"),
+        ("data.csv", "a,b\n", "data.csv is not .txt, .md, .jsonl, .parquet"),
+        ("empty", "", "folder .*empty holds no .txt"),
+        ("data.jsonl", f"{GOOD}\n\n{{text: 1}}\n{GOOD}\n", "data.jsonl line 3 is not valid JSON"),
+        ("data.jsonl", f'{GOOD}\n{{"content": "x"}}\n', "data.jsonl line 2 has no text in field 'text'"),
+        ("data.jsonl", f'{GOOD}\n{{"text": 5}}\n', "data.jsonl line 2 has no text in field 'text'"),
+        ("latin1.txt", b"caf\xe9", "latin1.txt is not UTF-8"),
+    ],
+)
+def test_bad_input_gets_one_line_and_no_shard(tmp_path, capsys, name, content, message):
+    path = tmp_path / (name or "unused")
+    if name == "empty":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path / "out", *([path] if name else []))
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert re.search(message, err), err
+    assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("pyarrow", ["docs.parquet"], "reading .parquet files needs pyarrow: pip install pyarrow"),
+    ("datasets", ["--hf_dataset", "HuggingFaceFW/fineweb-edu"], "--hf_dataset needs datasets: pip install datasets"),
+])
+def test_a_missing_optional_library_is_named_with_its_install_command(tmp_path, capsys, monkeypatch, module, argv,
+                                                                      message):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails, as if not installed
+    monkeypatch.setitem(sys.modules, module + ".parquet", None)
+    (tmp_path / "docs.parquet").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        prepare.main([*argv, "--out_dir", "out"])
+    assert message in capsys.readouterr().err and not os.path.exists(tmp_path / "out")
+
+
+class FakeDatasets:
+    """The one call prepare.py makes of the datasets library, without the network."""
+
+    def __init__(self, rows=None, error=None):
+        self.rows, self.error, self.calls = rows, error, []
+
+    def load_dataset(self, name, config, split, streaming):
+        self.calls.append((name, config, split, streaming))
+        if self.error:
+            raise self.error
+        return iter(self.rows)
+
+
+def test_a_hugging_face_dataset_is_streamed_into_the_same_shards_as_a_local_file(tmp_path, corpus, monkeypatch):
+    fake = FakeDatasets(rows=[{"id": i, "text": doc} for i, doc in enumerate(documents())])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    run(tmp_path / "hf", "--hf_dataset", "HuggingFaceFW/fineweb-edu", "--hf_config", "sample-10BT")
+    run(tmp_path / "jsonl", corpus)
+    assert fake.calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
+    assert shard_bytes(tmp_path / "hf") == shard_bytes(tmp_path / "jsonl")
+
+
+def test_a_hugging_face_dataset_offline_gets_one_line(tmp_path, capsys, monkeypatch):
+    error = ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub\n(LocalEntryNotFoundError)")
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets(error=error))
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out", "--hf_dataset", "HuggingFaceFW/fineweb-edu")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is this machine online?): Couldn't reach" in err
+    assert not shard_names(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ShardLoader: shards whose every token is its position (plus 1000 in train), so a row shows where it came from.
+
+
+def write_shard(path, tokens, magic=20240520, version=1):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+
+
+@pytest.fixture
+def counting(tmp_path):
+    """val: tokens 0..599 in 3 shards; train: 1000..3999 in 3 shards, named as llm.c names fineweb's."""
+    for k in range(3):
+        write_shard(tmp_path / f"val_{k:06d}.bin", range(200 * k, 200 * (k + 1)))
+        write_shard(tmp_path / f"fineweb_train_{k:06d}.bin", range(1000 + 1000 * k, 2000 + 1000 * k))
+    return str(tmp_path)
+
+
+def windows(x):
+    return ((x[:, 0] - 1000) // 16).tolist()  # the window number of each row (train, seq_len 16)
+
+
+def test_a_window_crossing_a_shard_boundary_holds_consecutive_tokens(counting):
+    loader = ShardLoader(counting, seq_len=16, batch_size=8, accum_steps=1)
+    train = loader.splits["train"]
+    assert (len(train), len(loader.splits["val"]), loader.n_windows["train"]) == (3000, 600, 187)
+    np.testing.assert_array_equal(train[990:2010], np.arange(1990, 3010))  # across all three shards
+    assert train[999] == 1999 and train[-1] == 3999 and len(train[2990:5000]) == 10
+    seen = []
+    for step in range(24):  # 192 rows: every one of the 187 windows at least once
+        x, y = loader.get_batch("train", step, 0)
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (8, 16)
+        torch.testing.assert_close(x, x[:, :1] + torch.arange(16))  # consecutive tokens, across boundaries too
+        torch.testing.assert_close(y, x + 1)
+        assert ((x[:, 0] - 1000) % 16 == 0).all()
+        seen += windows(x)
+    assert {62, 124} <= set(seen)  # windows 62 (1992..2008) and 124 (2984..3000) cross into the next shard
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_two_ranks_read_disjoint_rows_whose_union_is_the_single_process_global_batch(counting, split):
+    whole = ShardLoader(counting, 16, batch_size=8, accum_steps=1).get_batch(split, 3, 0)[0]
+    parts = {}
+    for rank in range(2):
+        loader = ShardLoader(counting, 16, batch_size=2, accum_steps=2, rank=rank, world_size=2)
+        for micro_step in range(2):
+            parts[batch_rows(micro_step, rank, 2, 2).start] = loader.get_batch(split, 3, micro_step)[0]
+    torch.testing.assert_close(torch.cat([parts[start] for start in sorted(parts)]), whole)
+    rank0, rank1 = (set(torch.cat([parts[a], parts[b]])[:, 0].tolist()) for a, b in [(0, 4), (2, 6)])
+    assert not rank0 & rank1
+
+
+def test_batches_are_a_function_of_seed_split_step_and_micro_step_so_a_resumed_run_repeats_them(counting):
+    run = ShardLoader(counting, 16, batch_size=4, accum_steps=2, seed=1)
+    resumed = ShardLoader(counting, 16, batch_size=4, accum_steps=2, seed=1)  # a fresh process at step 30
+    for split in ("train", "val"):
+        for step in range(30, 60, 7):
+            for m in range(2):
+                torch.testing.assert_close(run.get_batch(split, step, m), resumed.get_batch(split, step, m))
+    assert not torch.equal(run.get_batch("train", 7, 1)[0], run.get_batch("train", 8, 1)[0])
+    assert not torch.equal(run.get_batch("train", 7, 0)[0], run.get_batch("train", 7, 1)[0])
+    other_seed = ShardLoader(counting, 16, batch_size=4, accum_steps=2, seed=2)
+    assert not torch.equal(run.get_batch("train", 7, 1)[0], other_seed.get_batch("train", 7, 1)[0])
+    assert run.targets_in_step("train", 7) == 4 * 2 * 16
+
+
+def test_each_epoch_visits_every_training_window_once_in_a_fresh_shuffled_order(counting):
+    loader = ShardLoader(counting, 16, batch_size=4, accum_steps=2)
+    n = loader.n_windows["train"]  # 187: epochs end mid-step
+    rows = [w for step in range(71) for m in range(2) for w in windows(loader.get_batch("train", step, m)[0])]
+    epochs = [rows[e * n : (e + 1) * n] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(n))
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0] and epochs[0] != sorted(epochs[0])
+
+
+def test_validation_reads_windows_in_order_from_the_start_wrapping(counting):
+    loader = ShardLoader(counting, 16, batch_size=4, accum_steps=2)
+    rows = [int(x0) // 16 for step in range(6) for m in range(2) for x0 in loader.get_batch("val", step, m)[0][:, 0]]
+    assert rows == list(range(37)) + list(range(11))  # 37 windows in 599 tokens
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000])
+def test_shuffled_index_is_a_permutation_of_range_n(n):
+    for epoch in range(3):
+        assert sorted(shuffled_index(np.arange(n), n, seed=7, epoch=epoch)) == list(range(n))
+
+
+def test_shuffled_index_needs_no_memory_for_n_when_n_is_huge():
+    n = 10**10  # 10M windows of 1,024 tokens in 10B tokens; 10^10 to be sure
+    rows = shuffled_index(np.arange(n - 500, n), n, seed=7, epoch=0)
+    assert len(set(rows.tolist())) == 500 and rows.min() >= 0 and rows.max() < n
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: None, "holds no token shards .*make them with python prepare.py"),
+        (lambda d: os.rmdir(d), "is not a folder of token shards"),
+        (lambda d: write_shard(d / "val_000000.bin", range(100), magic=20240801, version=7),
+         "not a shard of GPT-2 tokens as uint16 .*magic 20240801"),
+        (lambda d: (d / "train_000000.bin").write_bytes(b"too short for a header"), "not a shard of GPT-2 tokens"),
+        (lambda d: (write_shard(d / "val_000000.bin", range(100)),
+                    (d / "val_000000.bin").write_bytes((d / "val_000000.bin").read_bytes()[:-10])),
+         "truncated or damaged .*header says 100 tokens"),
+        (lambda d: (write_shard(d / "val_000000.bin", range(10)), write_shard(d / "train_000000.bin", range(100))),
+         "val split .* has 10 tokens, fewer than one sequence of --seq_len \\+ 1 = 17: rerun prepare.py with a larger"),
+        (lambda d: write_shard(d / "val_000000.bin", range(100)), "train split .* has 0 tokens"),
+        (lambda d: (write_shard(d / "val_000000.bin", range(100)), write_shard(d / "train_000000.bin", range(100)),
+                    (d / "manifest.json").write_text('{"done": false}')), "prepare.py has not finished writing"),
+    ],
+)
+def test_unusable_shard_folders_are_named_with_their_fix(tmp_path, make, message):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    make(folder)
+    with pytest.raises(DataError, match=message):
+        ShardLoader(str(folder), seq_len=16, batch_size=2, accum_steps=1)
+
+
+def test_shards_written_by_prepare_load_into_shard_loader(tmp_path, corpus):
+    run(tmp_path / "out", corpus)
+    loader = ShardLoader(str(tmp_path / "out"), seq_len=32, batch_size=4, accum_steps=1)
+    tokens = expected_tokens(documents())
+    np.testing.assert_array_equal(loader.splits["val"][:], tokens[:1500])
+    np.testing.assert_array_equal(loader.splits["train"][:], tokens[1500:])
+    x, y = loader.get_batch("train", 0, 0)
+    for row, w in zip(x.numpy(), loader.global_batch("train", 0)):
+        np.testing.assert_array_equal(row, tokens[1500 + 32 * w : 1500 + 32 * w + 32])
