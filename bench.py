@@ -50,6 +50,9 @@ def peak_memory_gb(rt):
 
 
 def bench_training(args, rt, cfg, accum_steps):
+    # the peak is measured before and after the steps, and the higher taken: on a shared machine a moment of
+    # contention would otherwise lower the peak and flatter the MFU
+    peak_before = train.peak_flops(rt)
     loader = train.make_loader(args, accum_steps, rt)
     torch.manual_seed(args.seed)
     model = raw_model = GPT(cfg).to(rt.device)
@@ -71,7 +74,7 @@ def bench_training(args, rt, cfg, accum_steps):
     loss.item()  # waits for the last step
     seconds = time.perf_counter() - t0
     seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
-    peak = train.peak_flops(rt)
+    peak = max(peak_before, train.peak_flops(rt))
     mfu = raw_model.flops_per_token(args.seq_len) * tokens_per_sec / (peak * rt.world_size)
     return {"params": raw_model.num_params(), "batch_size": args.batch_size, "seq_len": args.seq_len,
             "accum_steps": accum_steps, "processes": rt.world_size, "tokens_per_step": args.total_batch_size,
