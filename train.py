@@ -64,7 +64,7 @@ def build_parser():
     a("--seq_len", type=int, help="tokens per sequence (default: the model's context)")
     a("--total_batch_size", type=int, help="tokens per optimizer step, all processes and micro-steps together "
       "(default: batch_size * seq_len * processes, no gradient accumulation)")
-    a("--max_steps", type=int, default=240, help="optimizer steps to train for")
+    a("--max_steps", type=int, default=320, help="optimizer steps to train for")
     a("--warmup_steps", type=int, default=20, help="steps of linear warmup from 0 to max_lr")
     a("--max_lr", type=float, default=2e-3, help="peak learning rate")
     a("--min_lr", type=float, help="learning rate at max_steps, after cosine decay (default: max_lr / 10)")
