@@ -217,9 +217,13 @@ class GPT(nn.Module):
         """lm_head(x). On a GPU, tensor cores need matrix sizes that are multiples of 8 (and are fastest at 64),
         and GPT-2's 50,257 is odd: the matmul runs with the weight padded by zero rows to a multiple of 64 and the
         logits are sliced back, so the parameter, the checkpoints and the exported weights keep 50,257 rows. The
-        padded copy costs microseconds on a GPU; CPUs gain nothing from it (bench.py), so they skip it."""
+        padded copy costs microseconds on a GPU; CPUs gain nothing from it (bench.py), so they skip it. On a CPU in
+        fp32 the product goes through oneDNN instead (see OneDNNLinear)."""
         if x.is_cuda:
             return padded_linear(x, self.lm_head.weight, multiple=64)
+        if (ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):  # compiled: inductor's
+            return OneDNNLinear.apply(x, self.lm_head.weight)
         return self.lm_head(x)
 
     def num_params(self, non_embedding=False):
@@ -346,6 +350,34 @@ class GPT(nn.Module):
             json.dump(hf_config, f, indent=2)
         for name in ("model.safetensors", "config.json"):
             os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+
+
+def _onednn_linear():
+    """oneDNN's linear kernel (the one torch.compile uses on CPUs), where this build of PyTorch has it."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+ONEDNN_LINEAR = _onednn_linear()
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """F.linear(x, weight) without bias, forward through oneDNN. For the output layer on a CPU in fp32: MKL, which
+    F.linear calls, runs this thin, wide product ((tokens x n_embd) by (n_embd x 50,257)) at 75-95 GFLOP/s on the
+    2-core EPYC of bench.py's figures, oneDNN at 120-145; backward's two products are MKL's best already."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return ONEDNN_LINEAR(x, weight, None, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.size(-1))
+        return (grad_rows @ weight).view_as(x), grad_rows.t() @ x.reshape(-1, x.size(-1))
 
 
 def padded_linear(x, weight, multiple):

@@ -122,7 +122,8 @@ def test_residual_projections_start_smaller_by_sqrt_of_twice_the_depth():
             assert proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
 
 
-def test_flops_per_token_counts_the_training_step_matmuls():
+def test_flops_per_token_counts_the_training_step_matmuls(monkeypatch):
+    monkeypatch.setattr(model_module, "ONEDNN_LINEAR", None)  # an op the FLOP counter does not know
     cfg = tiny_config(n_layer=3, n_embd=64, n_head=4, block_size=32)
     model = GPT(cfg)
     idx = torch.randint(0, 97, (2, 32))
@@ -292,4 +293,14 @@ def test_padding_the_output_layer_for_gpu_tensor_cores_changes_no_value():
     assert padded.shape == plain.shape == (2, 5, 97)
     torch.testing.assert_close(padded, plain)
     grads = torch.autograd.grad(padded.square().sum(), (x, weight))
+    torch.testing.assert_close(grads, torch.autograd.grad(plain.square().sum(), (x, weight)))
+
+
+@pytest.mark.skipif(model_module.ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN")
+def test_the_onednn_output_layer_gives_f_linear_s_values_and_gradients():
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 5, 16, requires_grad=True), torch.randn(97, 16, requires_grad=True)
+    ours, plain = model_module.OneDNNLinear.apply(x, weight), F.linear(x, weight)
+    torch.testing.assert_close(ours, plain)
+    grads = torch.autograd.grad(ours.square().sum(), (x, weight))
     torch.testing.assert_close(grads, torch.autograd.grad(plain.square().sum(), (x, weight)))
