@@ -221,8 +221,9 @@ class GPT(nn.Module):
         fp32 the product goes through oneDNN instead (see OneDNNLinear)."""
         if x.is_cuda:
             return padded_linear(x, self.lm_head.weight, multiple=64)
+        # (under autocast the matmul runs in bf16 anyway; under torch.compile, inductor picks its own kernels)
         if (ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):  # compiled: inductor's
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return OneDNNLinear.apply(x, self.lm_head.weight)
         return self.lm_head(x)
 
