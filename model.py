@@ -1,5 +1,6 @@
 """
-The GPT-2 model: one file, no knowledge of files, flags or devices.
+The GPT-2 model, its generation (with a KV cache) and the Hugging Face weight format: no knowledge of flags, runs or
+checkpoints (train.py has those).
 
 The module layout and parameter names follow OpenAI's GPT-2 (as laid out by Hugging Face's GPT2LMHeadModel, minus
 the `transformer.` prefix quirks), so released weights load into it without changing the module:
