@@ -13,6 +13,7 @@ GPT.generate_stream), so any length can be asked for.
 
 import argparse
 import codecs
+import os
 import sys
 
 import torch
@@ -110,13 +111,16 @@ def main(argv=None):
         print(f"note: the prompt's {len(prompt_tokens)} tokens exceed the model's context; the model sees the last "
               f"{model.config.block_size}", file=sys.stderr)
     generator = torch.Generator(device=rt.device).manual_seed(args.seed)
-    for i in range(args.num_samples):
-        if i > 0:
-            print("\n" + "-" * 80)
-        if args.instruction is None:
-            sys.stdout.write(prompt)
-        stream_sample(model, prompt_tokens, args, rt, generator)
-    print()
+    try:
+        for i in range(args.num_samples):
+            if i > 0:
+                print("\n" + "-" * 80)
+            if args.instruction is None:
+                sys.stdout.write(prompt)
+            stream_sample(model, prompt_tokens, args, rt, generator)
+        print()
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as command-line tools do
+        sys.stdout = open(os.devnull, "w")
 
 
 if __name__ == "__main__":
