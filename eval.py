@@ -14,6 +14,7 @@ compare. Prints a line per metric, then one JSON line.
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -89,9 +90,8 @@ def main(argv=None):
         if args.batch_size <= 0 or (args.max_tokens is not None and args.max_tokens <= 0):
             raise train.TrainError("--batch_size and --max_tokens must be positive")
         saved = {}
-        if train.os.path.isfile(args.init_from) or train.os.path.isfile(
-                train.os.path.join(args.init_from, train.CHECKPOINT)):
-            saved = train.load_checkpoint(args.init_from)["config"]  # the run's own data, by default
+        if os.path.isfile(args.init_from) or os.path.isfile(os.path.join(args.init_from, train.CHECKPOINT)):
+            saved = train.load_checkpoint(args.init_from, mmap=True)["config"]  # the run's own data, by default
         args.dataset_type = args.dataset_type or saved.get("dataset_type", "text")
         args.dataset_path = args.dataset_path or saved.get("dataset_path", "input.txt")
         rt = train.setup_runtime(args.device, args.dtype)

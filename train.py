@@ -351,13 +351,14 @@ def save_checkpoint(path, model, optimizer, scaler, step, args):
     os.replace(tmp_path, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
+    """A checkpoint's dict. mmap: map the file instead of reading it, for a look at its config (cheap however big)."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     if not os.path.exists(path):
         raise TrainError(f"no checkpoint at {path}: train one first, or check --out_dir")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         if not isinstance(ckpt, dict) or not {"model", "model_config", "step", "config"} <= set(ckpt):
             raise ValueError("keys missing")
         return ckpt
@@ -665,13 +666,17 @@ def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
 
 def label_losses(model, x, y, rt, byte_lengths):
     """Sums over one batch's labelled tokens: (nats, labels, nats of text tokens, bytes of text tokens). Bits per
-    byte leaves out <|endoftext|>, which stands for no text (nanochat's convention)."""
+    byte leaves out <|endoftext|>, which stands for no text (nanochat's convention): its few positions' losses are
+    taken back out of the model's mean loss."""
     with rt.autocast():
-        logits, _ = model(x, y)
+        logits, loss = model(x, y)
     y = y.flatten()
-    nats = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=-100, reduction="none")
-    text_bytes = byte_lengths[y.clamp(min=0)] * (y != -100)
-    return torch.stack([nats.sum(), (y != -100).sum(), (nats * (text_bytes > 0)).sum(), text_bytes.sum()])
+    labelled = y != -100
+    nats = loss.double() * labelled.sum()
+    token_bytes = byte_lengths[y.clamp(min=0)] * labelled
+    no_text = labelled & (token_bytes == 0)
+    no_text_nats = -F.log_softmax(logits.flatten(0, 1)[no_text].float(), dim=-1).gather(1, y[no_text, None]).sum()
+    return torch.stack([nats, labelled.sum(), nats - no_text_nats, token_bytes.sum()])
 
 
 def loss_metrics(sums):
