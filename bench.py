@@ -1,19 +1,23 @@
 """
-Benchmarks, with train.py's own code and flags.
+Benchmarks: training steps, and decoding.
 
     python bench.py                                         # training steps of the default run
     python bench.py --model gpt2 --seq_len 256 --batch_size 4
     python bench.py --model gpt2 --device cuda --seq_len 1024 --batch_size 16 --compile
+    torchrun --standalone --nproc_per_node=2 bench.py --device cpu --model gpt2-mini   # DDP: figures for the job
     python bench.py --sample --model gpt2                   # decoding: KV cache, no cache, transformers' generate
 
-Training: after --warmup steps, times --steps full optimizer steps (train.train_step: loader, forward, backward,
-clipping, AdamW) and reports tokens/s, ms/step, MFU and peak memory. MFU is against train.peak_flops: the data sheet's
-bf16/fp16 peak for known GPUs, otherwise a large matmul timed on the spot in the run's dtype.
+Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from runtime.build_training and the
+batches from data.py's loaders, as in train.py. After --warmup steps, times --steps optimizer steps: each micro-step's
+forward and backward (gradients synced on the last), then clipping and the AdamW step. Reports tokens/s, ms/step,
+MFU and peak memory. MFU is against Runtime.peak_flops: the data sheet's bf16/fp16 peak for known GPUs, otherwise a
+large matmul timed on the spot in the run's dtype.
 Decoding: greedy tokens/s of a batch of one from random weights of the model's shape (or --init_from), with and
 without the KV cache, and of transformers' generate on the same weights when transformers is installed.
 Both print a table, then one JSON line with every figure.
 """
 
+import argparse
 import json
 import resource
 import sys
@@ -22,25 +26,38 @@ import time
 
 import torch
 
-import train
-from model import GPT
+import hf
+from checkpoint import load_model
+from data import LOADERS, DataError, accumulation_steps
+from model import GPT, PRESETS, GPTConfig
+from runtime import OneLineParser, UserError, build_training, optimizer_step, print_error, setup_runtime, shutdown
 
 
 def build_parser():
-    p = train.build_parser()
-    p.description = "Benchmark training steps (default) or decoding (--sample), with train.py's flags."
+    p = OneLineParser(description="Benchmark training steps (default) or decoding (--sample).",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
+    a("--model", default="gpt2-micro", choices=list(PRESETS), help="preset, as in train.py")
+    a("--n_layer", type=int, help="override the preset's number of layers")
+    a("--n_head", type=int, help="override the preset's number of attention heads")
+    a("--n_embd", type=int, help="override the preset's width")
+    a("--dataset_type", default="text", choices=list(LOADERS), help="as in train.py")
+    a("--dataset_path", default="input.txt", help="as in train.py")
+    a("--batch_size", type=int, default=4, help="sequences per micro-batch, per process")
+    a("--seq_len", type=int, help="tokens per sequence (default: the model's context)")
+    a("--total_batch_size", type=int, help="tokens per optimizer step, all processes and micro-steps together "
+      "(default: batch_size * seq_len * processes, no gradient accumulation)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="as in train.py")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--seed", type=int, default=1337, help="seeds the weights and the batches")
     a("--steps", type=int, default=10, help="timed steps")
     a("--warmup", type=int, default=3, help="untimed steps first (allocations, compilation, caches)")
     a("--sample", action="store_true", help="benchmark decoding instead of training")
+    a("--init_from", help="--sample: these weights (as train.py's --init_from) instead of random ones")
     a("--prompt_tokens", type=int, default=32, help="--sample: prompt length")
     a("--new_tokens", type=int, default=128, help="--sample: tokens generated per run")
     return p
-
-
-def sync(rt):
-    if rt.device_type == "cuda":
-        torch.cuda.synchronize(rt.device)
 
 
 def peak_memory_gb(rt):
@@ -49,51 +66,66 @@ def peak_memory_gb(rt):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # the process's peak RSS (Linux: KiB)
 
 
-def bench_training(args, rt, cfg, accum_steps):
+def bench_training(args, rt, cfg):
+    world_size = rt.world_size
+    seq_len = args.seq_len or cfg.block_size
+    if not 0 < seq_len <= cfg.block_size:
+        raise UserError(f"--seq_len must be positive and at most the model's context ({cfg.block_size})")
+    total_batch_size = args.total_batch_size or args.batch_size * seq_len * world_size
+    accum_steps = accumulation_steps(total_batch_size, args.batch_size, seq_len, world_size)
     # the peak is measured before and after the steps, and the higher taken: on a shared machine a moment of
     # contention would otherwise lower the peak and flatter the MFU
-    peak_before = train.peak_flops(rt)
-    loader = train.make_loader(args, accum_steps, rt)
+    peak_before = rt.peak_flops()
+    loader = LOADERS[args.dataset_type](args.dataset_path, seq_len, args.batch_size, accum_steps,
+                                        rank=rt.rank, world_size=world_size, seed=args.seed)
     torch.manual_seed(args.seed)
-    model = raw_model = GPT(cfg).to(rt.device)
-    optimizer = train.configure_optimizer(model, args, rt.device_type)
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
-    if args.compile:
-        model = torch.compile(model)
-    if rt.ddp:
-        model = train.DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
-                          gradient_as_bucket_view=True)
-    for step in range(1, args.warmup + 1):
-        train.train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args)
-    sync(rt)
-    t0 = time.perf_counter()
-    tokens = 0
-    for step in range(args.warmup + 1, args.warmup + args.steps + 1):
-        _, loss, _, step_tokens = train.train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args)
+    raw_model = GPT(cfg)
+    model, optimizer, scaler = build_training(raw_model, rt, weight_decay=0.1, lr=1e-4, betas=(0.9, 0.95),
+                                              compile=args.compile)
+    model.train()
+
+    def step(number):  # what train.train_step computes, less its bookkeeping (schedule, loss weights, seeding)
+        tokens = 0
+        for micro_step in range(accum_steps):
+            x, y = rt.to_device(loader.get_batch("train", number, micro_step))
+            rt.require_grad_sync(model, micro_step == accum_steps - 1)
+            with rt.autocast():
+                loss = model(x, y)[1] / accum_steps
+            scaler.scale(loss).backward()
+            tokens += x.numel() * world_size  # padding included, as train.py counts
+        optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+        return loss, tokens
+
+    for number in range(args.warmup):
+        step(number)
+    rt.synchronize()
+    t0, tokens = time.perf_counter(), 0
+    for number in range(args.warmup, args.warmup + args.steps):
+        loss, step_tokens = step(number)
         tokens += step_tokens
     loss.item()  # waits for the last step
     seconds = time.perf_counter() - t0
     seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
-    peak = max(peak_before, train.peak_flops(rt))
-    mfu = raw_model.flops_per_token(args.seq_len) * tokens_per_sec / (peak * rt.world_size)
-    return {"params": raw_model.num_params(), "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "accum_steps": accum_steps, "processes": rt.world_size, "tokens_per_step": args.total_batch_size,
+    peak = max(peak_before, rt.peak_flops())
+    mfu = raw_model.flops_per_token(seq_len) * tokens_per_sec / (peak * world_size)
+    return {"params": raw_model.num_params(), "batch_size": args.batch_size, "seq_len": seq_len,
+            "accum_steps": accum_steps, "processes": world_size, "tokens_per_step": total_batch_size,
             "ms_per_step": seconds_per_step * 1000, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
             "peak_tflops": peak / 1e12, "peak_memory_gb": peak_memory_gb(rt)}
 
 
 def timed(rt, generate):
     generate(4)  # warm-up: first calls allocate
-    sync(rt)
+    rt.synchronize()
     t0 = time.perf_counter()
     tokens = generate(None)
-    sync(rt)
+    rt.synchronize()
     return tokens, time.perf_counter() - t0
 
 
 def bench_decoding(args, rt, cfg):
     torch.manual_seed(args.seed)
-    model = (train.load_model(args.init_from) if args.init_from else GPT(cfg)).to(rt.device).eval()
+    model = (load_model(args.init_from) if args.init_from else GPT(cfg)).to(rt.device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens), device=rt.device)
     n = args.new_tokens
     results, outputs = {}, {}
@@ -114,13 +146,13 @@ def bench_decoding(args, rt, cfg):
               file=sys.stderr)
     else:
         with tempfile.TemporaryDirectory() as directory:
-            model.save_pretrained(directory)
-            hf = GPT2LMHeadModel.from_pretrained(directory).to(rt.device).eval()
+            hf.save_pretrained(model, directory)
+            theirs = GPT2LMHeadModel.from_pretrained(directory).to(rt.device).eval()
 
         def generate(count):
             with torch.no_grad(), rt.autocast():
-                out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
-                                  max_new_tokens=count or n, min_new_tokens=count or n, pad_token_id=50256)
+                out = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
+                                      max_new_tokens=count or n, min_new_tokens=count or n, pad_token_id=50256)
             return out[0, prompt.size(1):]
 
         outputs["transformers"], seconds = timed(rt, generate)
@@ -135,31 +167,29 @@ def bench_decoding(args, rt, cfg):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.steps <= 0 or args.warmup < 0 or args.prompt_tokens <= 0 or args.new_tokens <= 0:
-            raise train.TrainError("--steps, --prompt_tokens and --new_tokens must be positive, --warmup not negative")
-        train.check_args(args)
-        cfg = train.model_config(args)
-        world_size = int(train.os.environ.get("WORLD_SIZE", 1))
-        accum_steps = train.batch_geometry(args, cfg, world_size)
-        rt = train.setup_runtime(args.device, args.dtype)
-        if args.sample:
-            result = bench_decoding(args, rt, cfg)
-        else:
-            result = bench_training(args, rt, cfg, accum_steps)
-    except (train.TrainError, train.DataError) as e:
-        if train.os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+        if min(args.steps, args.batch_size, args.prompt_tokens, args.new_tokens) <= 0 or args.warmup < 0:
+            raise UserError("--steps, --batch_size, --prompt_tokens and --new_tokens must be positive, --warmup not "
+                            "negative")
+        shape = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k) is not None}
+        try:
+            cfg = GPTConfig(**{**PRESETS[args.model], **shape})
+        except ValueError as e:
+            raise UserError(f"model shape: {e}")
+        rt = setup_runtime(args.device, args.dtype)
+        result = bench_decoding(args, rt, cfg) if args.sample else bench_training(args, rt, cfg)
+        result = {"mode": "sample" if args.sample else "train", "model": args.init_from or args.model,
+                  "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else rt.device,
+                  "dtype": str(rt.dtype).removeprefix("torch."), "compile": args.compile, **result}
+        if rt.master:
+            width = max(len(k) for k in result)
+            for key, value in result.items():
+                print(f"{key:<{width}}  {value:,.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    except (UserError, DataError) as e:
+        print_error(e)
         sys.exit(2)
-    result = {"mode": "sample" if args.sample else "train", "model": args.init_from or args.model,
-              "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else rt.device,
-              "dtype": str(rt.dtype).removeprefix("torch."), "compile": args.compile, **result}
-    if rt.master:
-        width = max(len(k) for k in result)
-        for key, value in result.items():
-            print(f"{key:<{width}}  {value:,.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
-    if train.dist.is_initialized():
-        train.dist.destroy_process_group()
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_FILE = os.path.join(HERE, "gpt2.tiktoken")  # GPT-2's 50,256 BPE ranks, shipped so no download is needed
 EOT_TOKEN = 50256  # <|endoftext|>
+IGNORE_INDEX = -100  # the label the loss skips (F.cross_entropy's default ignore_index): prompt tokens and padding
 VAL_FRACTION = 0.1
 
 
@@ -99,11 +100,58 @@ def batch_rows(micro_step, rank, batch_size, world_size):
     return slice(start, start + batch_size)
 
 
-class TextLoader:
+def accumulation_steps(total_batch_size, batch_size, seq_len, world_size):
+    """Micro-steps per optimizer step: a global batch of total_batch_size tokens made of micro-batches of
+    batch_size sequences of seq_len tokens on each of world_size processes."""
+    tokens_per_micro_step = batch_size * seq_len * world_size
+    if total_batch_size % tokens_per_micro_step != 0:
+        raise DataError(f"--total_batch_size {total_batch_size} is not a multiple of batch_size * seq_len * "
+                        f"processes = {batch_size} * {seq_len} * {world_size} = {tokens_per_micro_step}")
+    return total_batch_size // tokens_per_micro_step
+
+
+class Loader:
+    """What every loader shares. A step's global batch holds global_rows = batch_size * world_size * accum_steps
+    rows; get_batch(split, step, micro_step) returns this rank's (x, y) of one micro-step, int64 tensors of shape
+    (batch_size, length), y being IGNORE_INDEX where there is nothing to learn. A loader says what the rows of a
+    global batch are (global_batch) and how rows become tensors (make_batch); the split into micro-steps and ranks
+    (batch_rows) is the same for all."""
+
+    def __init__(self, seq_len, batch_size, accum_steps, rank, world_size, seed):
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_rows = batch_size * world_size * accum_steps
+
+    def get_batch(self, split, step, micro_step):
+        rows = self.global_batch(split, step)[batch_rows(micro_step, self.rank, self.batch_size, self.world_size)]
+        return self.make_batch(split, rows)
+
+    def targets_in_step(self, split, step):
+        """Labels (y != IGNORE_INDEX) in step's whole global batch, all micro-steps and ranks: a function of the
+        step, so each rank knows it without communicating. train_step divides the summed loss by it. Here every
+        token is one; AlpacaLoader counts its responses' tokens."""
+        return self.global_rows * self.seq_len
+
+    def epoch_order(self, split, step, n):
+        """Item numbers (of n items) of step's global batch, row by row. Validation row g is item g % n: from the
+        start, in order, wrapping. Training row g is item shuffle(g % n, n, epoch g // n): each epoch visits every
+        item once, in an order of its own drawn from (seed, epoch)."""
+        g = step * self.global_rows + np.arange(self.global_rows)
+        if split == "val":
+            return g % n
+        items = np.empty_like(g)
+        for epoch in np.unique(g // n):  # a step may straddle two epochs (or more, with a tiny split)
+            in_epoch = g // n == epoch
+            items[in_epoch] = self.shuffle(g[in_epoch] % n, n, int(epoch))
+        return items
+
+
+class TextLoader(Loader):
     """Random windows of a tokenized text file: the first 90% of the tokens for training, the last 10% for
     validation. Row i of step s's global batch is the window at a random offset drawn from (seed, split, s)."""
 
     def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337):
+        super().__init__(seq_len, batch_size, accum_steps, rank, world_size, seed)
         tokens = load_text_tokens(path)
         n_val = int(len(tokens) * VAL_FRACTION)
         self.splits = {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
@@ -114,29 +162,22 @@ class TextLoader:
                     f"than one sequence of --seq_len + 1 = {seq_len + 1} tokens: use a longer text or a smaller "
                     f"--seq_len"
                 )
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.global_rows = batch_size * world_size * accum_steps
 
-    def get_batch(self, split, step, micro_step):
-        """(x, y) int64 tensors of shape (batch_size, seq_len), y being x shifted one token left."""
-        tokens = self.splits[split]
+    def global_batch(self, split, step):
+        """The offsets of step's global batch's windows in the split."""
         rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
-        offsets = rng.integers(0, len(tokens) - self.seq_len, size=self.global_rows)
-        offsets = offsets[batch_rows(micro_step, self.rank, self.batch_size, self.world_size)]
-        window = tokens[offsets[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
+        return rng.integers(0, len(self.splits[split]) - self.seq_len, size=self.global_rows)
+
+    def make_batch(self, split, offsets):
+        """(x, y) of shape (len(offsets), seq_len), y being x shifted one token left."""
+        window = self.splits[split][offsets[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
         window = torch.from_numpy(window)
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
-
-    def targets_in_step(self, split, step):
-        """Supervised tokens in step's whole global batch (see AlpacaLoader.targets_in_step): here, all of them."""
-        return self.global_rows * self.seq_len
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Alpaca instruction data: {"instruction", "input", "output"} records, trained on the response only.
 
-IGNORE_INDEX = -100  # the label F.cross_entropy skips (its default ignore_index): prompt tokens and padding
 ALPACA_VAL_FRACTION = 0.05
 # The train/val split is drawn from this, not from --seed: trying another seed must not move examples between them.
 ALPACA_SPLIT_SEED = 0
@@ -221,18 +262,18 @@ def read_alpaca_records(path):
     return records
 
 
-class AlpacaLoader:
+class AlpacaLoader(Loader):
     """Instruction fine-tuning on Alpaca records. Each example is the tokens of alpaca_prompt(...) then the output's
-    then <|endoftext|>; the labels are -100 on the prompt, so only the response (and where it ends) is learned.
-    Prompt and output are tokenized apart, so the boundary between them is exact.
+    then <|endoftext|>; the labels are IGNORE_INDEX on the prompt, so only the response (and where it ends) is
+    learned. Prompt and output are tokenized apart, so the boundary between them is exact.
 
-    Like TextLoader's, batches are a function of (seed, split, step, micro_step, rank): global row g = step *
-    global_rows + i of the training split is example perm_e[g % n] of epoch e = g // n, perm_e drawn from (seed, e),
-    so each epoch visits every example once in a fresh order. Validation is 5% of the usable examples (drawn with
-    ALPACA_SPLIT_SEED, so a --seq_len that drops examples changes it), read in file order, wrapping. A micro-batch is
-    padded to its longest example only: short instructions cost little."""
+    Like TextLoader's, batches are a function of (seed, split, step, micro_step, rank): the training order is
+    Loader.epoch_order's, each epoch a permutation of the examples drawn from (seed, epoch). Validation is 5% of
+    the usable examples (drawn with ALPACA_SPLIT_SEED, so a --seq_len that drops examples changes it), read in file
+    order, wrapping. A micro-batch is padded to its longest example only: short instructions cost little."""
 
     def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337):
+        super().__init__(seq_len, batch_size, accum_steps, rank, world_size, seed)
         records = read_alpaca_records(path)
         tokenizer = get_tokenizer()
         examples, n_prompt = [], []
@@ -261,32 +302,21 @@ class AlpacaLoader:
         order = np.random.default_rng(ALPACA_SPLIT_SEED).permutation(n)
         n_val = max(1, int(n * ALPACA_VAL_FRACTION))
         self.splits = {"train": np.sort(order[n_val:]), "val": np.sort(order[:n_val])}  # example indices
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.global_rows = batch_size * world_size * accum_steps
 
     def global_batch(self, split, step):
         """The example indices of step's whole global batch, row by row."""
-        ids = self.splits[split]
-        n = len(ids)
-        g = step * self.global_rows + np.arange(self.global_rows)
-        if split == "val":
-            return ids[g % n]
-        rows = np.empty_like(g)
-        for epoch in np.unique(g // n):
-            in_epoch = g // n == epoch
-            rows[in_epoch] = np.random.default_rng([self.seed, int(epoch)]).permutation(n)[g[in_epoch] % n]
-        return ids[rows]
+        return self.splits[split][self.epoch_order(split, step, len(self.splits[split]))]
 
-    def get_batch(self, split, step, micro_step):
-        """(x, y) for micro-step micro_step of this rank, in step's global batch (see collate)."""
-        ids = self.global_batch(split, step)[batch_rows(micro_step, self.rank, self.batch_size, self.world_size)]
+    def shuffle(self, positions, n, epoch):
+        return np.random.default_rng([self.seed, epoch]).permutation(n)[positions]
+
+    def make_batch(self, split, ids):
         return self.collate(ids)
 
     def collate(self, ids):
-        """(x, y) int64 tensors of shape (len(ids), longest example - 1): y is x shifted one token left, -100 where
-        it is a prompt token or padding. x is padded at the end, where causal attention keeps the padding from the real
-        tokens, with <|endoftext|> (any id would do: its labels are ignored)."""
+        """(x, y) int64 tensors of shape (len(ids), longest example - 1): y is x shifted one token left, IGNORE_INDEX
+        where it is a prompt token or padding. x is padded at the end, where causal attention keeps the padding from
+        the real tokens, with <|endoftext|> (any id would do: its labels are ignored)."""
         width = max(len(self.examples[i]) for i in ids) - 1
         x = np.full((len(ids), width), EOT_TOKEN, dtype=np.int64)
         y = np.full((len(ids), width), IGNORE_INDEX, dtype=np.int64)
@@ -297,9 +327,8 @@ class AlpacaLoader:
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def targets_in_step(self, split, step):
-        """Supervised tokens (y != -100) in step's whole global batch, all micro-steps and ranks: a function of the
-        step, so each rank knows it without communicating. Dividing the summed loss by it weights every response
-        token alike, however the tokens fall into micro-batches."""
+        """Supervised tokens in step's whole global batch (see Loader.targets_in_step): dividing the summed loss by
+        it weights every response token alike, however the tokens fall into micro-batches."""
         return int(self.n_targets[self.global_batch(split, step)].sum())
 
 
@@ -384,19 +413,20 @@ def shuffled_index(i, n, seed, epoch):
     return x.astype(np.int64)
 
 
-class ShardLoader:
+class ShardLoader(Loader):
     """Windows of a folder of token shards made by prepare.py (or llm.c): val_*.bin and train_*.bin, each split's
     shards in the order of their numbers, memory-mapped, so the corpus may be far bigger than memory. A split of
     N tokens has n = (N - 1) // seq_len windows: window w is tokens [w * seq_len, (w + 1) * seq_len + 1), x and its
     targets y, and may run from one shard into the next.
 
-    Batches are a pure function of (seed, split, step, micro_step, rank), indexed through batch_rows like the other
-    loaders', so the step is the whole position in the data: --resume needs nothing else to continue exactly.
-    Training row g = step * global_rows + i is window shuffled_index(g % n, n, seed, g // n): each epoch visits
-    every window once, in an order of its own, so the corpus's order (one source after another) never shows as a
-    period in the loss. Validation row g is window g % n: from the start of the split, in order, wrapping."""
+    Batches are a pure function of (seed, split, step, micro_step, rank), like the other loaders', so the step is
+    the whole position in the data: --resume needs nothing else to continue exactly. The training order is
+    Loader.epoch_order's with shuffled_index as each epoch's permutation (no table, however many windows), so the
+    corpus's order (one source after another) never shows as a period in the loss; validation reads the windows in
+    order from the start of the split."""
 
     def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337):
+        super().__init__(seq_len, batch_size, accum_steps, rank, world_size, seed)
         if not os.path.isdir(path):
             raise DataError(f"{path} is not a folder of token shards: pass the --out_dir of prepare.py")
         try:
@@ -424,95 +454,19 @@ class ShardLoader:
                                 f"--seq_len + 1 = {seq_len + 1}: rerun prepare.py with {fix} or use a smaller "
                                 f"--seq_len")
         self.n_windows = {split: (len(tokens) - 1) // seq_len for split, tokens in self.splits.items()}
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.global_rows = batch_size * world_size * accum_steps
 
     def global_batch(self, split, step):
         """The window numbers of step's whole global batch, row by row."""
-        n = self.n_windows[split]
-        g = step * self.global_rows + np.arange(self.global_rows)
-        if split == "val":
-            return g % n
-        windows = np.empty_like(g)
-        for epoch in np.unique(g // n):  # a step may straddle two epochs (or more, with a tiny split)
-            in_epoch = g // n == epoch
-            windows[in_epoch] = shuffled_index(g[in_epoch] % n, n, self.seed, int(epoch))
-        return windows
+        return self.epoch_order(split, step, self.n_windows[split])
 
-    def get_batch(self, split, step, micro_step):
-        """(x, y) int64 tensors of shape (batch_size, seq_len), y being x shifted one token left."""
+    def shuffle(self, positions, n, epoch):
+        return shuffled_index(positions, n, self.seed, epoch)
+
+    def make_batch(self, split, windows):
+        """(x, y) of shape (len(windows), seq_len), y being x shifted one token left."""
         tokens, L = self.splits[split], self.seq_len
-        windows = self.global_batch(split, step)[batch_rows(micro_step, self.rank, self.batch_size, self.world_size)]
         window = torch.from_numpy(np.stack([tokens[w * L : (w + 1) * L + 1] for w in windows]).astype(np.int64))
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
-    def targets_in_step(self, split, step):
-        """Supervised tokens in step's whole global batch (see AlpacaLoader.targets_in_step): here, all of them."""
-        return self.global_rows * self.seq_len
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation data: bytes per token (for bits per byte) and HellaSwag.
-
-
-@functools.lru_cache(maxsize=None)
-def token_byte_lengths():
-    """The UTF-8 byte length of every token's text, as an int64 array indexed by token id. <|endoftext|> is not
-    text: 0 bytes. Bits per byte divides a loss by these, so models with other tokenizers or sequence lengths
-    compare."""
-    tokenizer = get_tokenizer()
-    lengths = [len(tokenizer.decode_single_token_bytes(i)) for i in range(EOT_TOKEN)]
-    return np.array(lengths + [0], dtype=np.int64)
-
-
-HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-
-
-def load_hellaswag(path):
-    """HellaSwag items from its JSONL (rowanz/hellaswag's hellaswag_val.jsonl: "ctx", "endings", "label"), as
-    (context tokens, [tokens of each ending], label). Each ending is scored as a completion of the context,
-    the way GPT-2 reproductions do it: " " + ending after the context."""
-    if path == "download":
-        path = download_hellaswag()
-    tokenizer, items = get_tokenizer(), []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                    context, endings, label = item["ctx"], item["endings"], int(item["label"])
-                    if not (isinstance(endings, list) and len(endings) >= 2 and 0 <= label < len(endings)):
-                        raise ValueError
-                except (ValueError, KeyError, TypeError):
-                    raise DataError(f'{path} line {lineno} is not a HellaSwag item (JSON with "ctx", a list of '
-                                    f'"endings" and the "label" of the right one)')
-                items.append((tokenizer.encode_ordinary(context),
-                              [tokenizer.encode_ordinary(" " + ending) for ending in endings], label))
-    except OSError as e:
-        raise DataError(f"cannot read HellaSwag file {path}: {e.strerror}; pass hellaswag_val.jsonl from "
-                        f"github.com/rowanz/hellaswag, or 'download' when online")
-    if not items:
-        raise DataError(f"{path} holds no HellaSwag items")
-    return items
-
-
-def download_hellaswag():
-    """HellaSwag's validation set, fetched once into ~/.cache/gpt2-train."""
-    import urllib.request
-
-    path = os.path.join(os.path.expanduser("~"), ".cache", "gpt2-train", "hellaswag_val.jsonl")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            with urllib.request.urlopen(HELLASWAG_URL, timeout=30) as response:
-                data = response.read()
-        except OSError as e:
-            raise DataError(f"cannot download HellaSwag from {HELLASWAG_URL} ({e}): offline? Download "
-                            f"hellaswag_val.jsonl elsewhere and pass its path")
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)
-    return path
+LOADERS = {"text": TextLoader, "alpaca": AlpacaLoader, "shards": ShardLoader}  # --dataset_type: its loader

@@ -14,23 +14,24 @@ compare. Prints a line per metric, then one JSON line.
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
 import torch
 
-import train
-from data import AlpacaLoader, DataError, load_hellaswag, token_byte_lengths
+from checkpoint import is_checkpoint, load_checkpoint, load_model
+from data import IGNORE_INDEX, LOADERS, AlpacaLoader, DataError
+from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
+from runtime import OneLineParser, UserError, setup_runtime
 
 
 def build_parser():
-    p = train.OneLineParser(description="Evaluate a model on a split and on HellaSwag.",
+    p = OneLineParser(description="Evaluate a model on a split and on HellaSwag.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--init_from", default="out", help="a checkpoint (out/ckpt.pt or its directory), a Hugging Face GPT-2 "
       "directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
-    a("--dataset_type", choices=["text", "alpaca", "shards"], help="as in train.py (default: the checkpoint's, else "
+    a("--dataset_type", choices=list(LOADERS), help="as in train.py (default: the checkpoint's, else "
       "text)")
     a("--dataset_path", help="as in train.py (default: the checkpoint's, else input.txt; 'none' skips the split)")
     a("--split", default="val", choices=["val", "train"], help="which split to evaluate")
@@ -53,7 +54,7 @@ def windows(tokens, seq_len, batch_size, max_tokens):
         rows = [np.asarray(tokens[w * seq_len : (w + 1) * seq_len + 1], dtype=np.int64)
                 for w in range(first, min(first + batch_size, n_windows))]
         x = torch.full((len(rows), max(map(len, rows)) - 1), 0, dtype=torch.long)
-        y = torch.full_like(x, -100)
+        y = torch.full_like(x, IGNORE_INDEX)
         for i, row in enumerate(rows):
             x[i, : len(row) - 1] = torch.from_numpy(row[:-1])
             y[i, : len(row) - 1] = torch.from_numpy(row[1:])
@@ -65,41 +66,37 @@ def alpaca_batches(loader, split, batch_size, max_tokens):
     for first in range(0, len(ids), batch_size):
         x, y = loader.collate(ids[first : first + batch_size])
         yield x, y
-        predicted += int((y != -100).sum())
+        predicted += int((y != IGNORE_INDEX).sum())
         if max_tokens and predicted >= max_tokens:
             return
 
 
-@torch.no_grad()
 def evaluate_split(model, args, rt):
-    loader = train.make_loader(args, 1, rt)
-    byte_lengths = torch.from_numpy(token_byte_lengths()).to(rt.device)
+    loader = LOADERS[args.dataset_type](args.dataset_path, args.seq_len, args.batch_size, 1, seed=args.seed)
     if isinstance(loader, AlpacaLoader):
         batches = alpaca_batches(loader, args.split, args.batch_size, args.max_tokens)
     else:
         batches = windows(loader.splits[args.split], args.seq_len, args.batch_size, args.max_tokens)
-    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
-    for x, y in batches:
-        sums += train.label_losses(model, *rt.to_device((x, y)), rt, byte_lengths)
-    return {**train.loss_metrics(sums), "tokens": int(sums[1].item())}
+    result = evaluate(model, batches, rt)
+    return {"loss": result["loss"], "ppl": result["ppl"], "bpb": result["bpb"], "tokens": result["labels"]}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.batch_size <= 0 or (args.max_tokens is not None and args.max_tokens <= 0):
-            raise train.TrainError("--batch_size and --max_tokens must be positive")
+            raise UserError("--batch_size and --max_tokens must be positive")
         saved = {}
-        if os.path.isfile(args.init_from) or os.path.isfile(os.path.join(args.init_from, train.CHECKPOINT)):
-            saved = train.load_checkpoint(args.init_from, mmap=True)["config"]  # the run's own data, by default
+        if is_checkpoint(args.init_from):
+            saved = load_checkpoint(args.init_from, mmap=True)["config"]  # the run's own data, by default
         args.dataset_type = args.dataset_type or saved.get("dataset_type", "text")
         args.dataset_path = args.dataset_path or saved.get("dataset_path", "input.txt")
-        rt = train.setup_runtime(args.device, args.dtype)
-        model = train.load_model(args.init_from).to(rt.device).eval()
+        rt = setup_runtime(args.device, args.dtype)
+        model = load_model(args.init_from).to(rt.device).eval()
         args.seq_len = args.seq_len or saved.get("seq_len") or model.config.block_size
         if args.seq_len > model.config.block_size:
-            raise train.TrainError(f"--seq_len {args.seq_len} is longer than the model's context "
-                                   f"({model.config.block_size})")
+            raise UserError(f"--seq_len {args.seq_len} is longer than the model's context "
+                            f"({model.config.block_size})")
         args.seed = saved.get("seed", 1337)  # the seed of the Alpaca split and of the loaders' defaults
         results = {"model": args.init_from}
         if args.dataset_path != "none":
@@ -108,9 +105,9 @@ def main(argv=None):
             results["dataset"] = f"{args.dataset_type}:{args.dataset_path}"
         if args.hellaswag_path:
             items = load_hellaswag(args.hellaswag_path)[: args.hellaswag_limit]
-            scores = train.hellaswag_accuracy(model, items, rt, lambda t: t)
+            scores = hellaswag_accuracy(model, items, rt)
             results.update({"hellaswag_items": len(items), **{f"hellaswag_{k}": v for k, v in scores.items()}})
-    except (train.TrainError, DataError) as e:
+    except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for key, value in results.items():

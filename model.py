@@ -1,6 +1,6 @@
 """
-The GPT-2 model, its generation (with a KV cache) and the Hugging Face weight format: no knowledge of flags, runs or
-checkpoints (train.py has those).
+The GPT-2 model and its generation (with a KV cache). No knowledge of files, flags, devices or runs: train.py and
+the scripts bring those; the Hugging Face file format is hf.py's.
 
 The module layout and parameter names follow OpenAI's GPT-2 (as laid out by Hugging Face's GPT2LMHeadModel, minus
 the `transformer.` prefix quirks), so released weights load into it without changing the module:
@@ -8,15 +8,13 @@ token + learned position embeddings -> n_layer pre-LayerNorm blocks (attention, 
 to the residual stream) -> final LayerNorm -> a linear head that shares its weight with the token embedding.
 """
 
-import json
-import math
-import os
-import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data import IGNORE_INDEX  # the label the loss skips: prompt tokens and padding (data.py writes them)
 
 
 @dataclass
@@ -85,28 +83,36 @@ class CausalSelfAttention(nn.Module):
 
 
 class CrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits, targets, ignore_index=-100), faster where the vocabulary is large. PyTorch's keeps the
+    """F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none"): (rows, vocab), (rows,) ->
+    (rows,) nats, 0 where the target is IGNORE_INDEX; faster where the vocabulary is large. PyTorch's keeps the
     log-softmax, then in backward fills a (rows, vocab) one-hot gradient and recomputes the exponentials from it;
     keeping the softmax instead makes the gradient, softmax - one_hot(target), one in-place pass. With GPT-2's 50,257
-    tokens and a small model that is a sixth of the training step on a CPU. Loss: -log p(target), with p clamped to
-    the smallest normal float (a loss of 87 at most: only a diverged model gets there)."""
+    tokens and a small model that is a large part of a CPU's training step (README.md, Performance). Loss:
+    -log p(target), with p clamped to the smallest normal float (87 nats at most: only a diverged model gets there)."""
 
     @staticmethod
     def forward(ctx, logits, targets):
-        labelled = targets != -100
+        labelled = targets != IGNORE_INDEX
         safe_targets = targets.masked_fill(~labelled, 0)[:, None]
         probs = torch.softmax(logits, dim=-1)
         target_probs = probs.gather(1, safe_targets).squeeze(1).clamp_min(torch.finfo(probs.dtype).tiny)
-        n_labelled = labelled.sum()
-        ctx.save_for_backward(probs, safe_targets, labelled, n_labelled)
-        return -(target_probs.log() * labelled).sum() / n_labelled
+        ctx.save_for_backward(probs, safe_targets, labelled)
+        return -(target_probs.log() * labelled)
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        probs, safe_targets, labelled, n_labelled = ctx.saved_tensors
+    def backward(ctx, grad_nats):
+        probs, safe_targets, labelled = ctx.saved_tensors
         # the softmax is not needed again: it becomes the gradient in place (so backward runs once per forward)
         grad = probs.scatter_add_(1, safe_targets, -labelled[:, None].to(probs.dtype))
-        return grad.mul_((grad_loss / n_labelled * labelled)[:, None].to(grad.dtype)), None
+        return grad.mul_((grad_nats * labelled)[:, None].to(grad.dtype)), None
+
+
+def cross_entropy(logits, targets, reduction="mean"):
+    """CrossEntropy's nats per row (reduction "none"), or their mean over the labelled rows ("mean")."""
+    nats = CrossEntropy.apply(logits, targets)
+    if reduction == "none":
+        return nats
+    return nats.sum() / (targets != IGNORE_INDEX).sum()
 
 
 class KVCache:
@@ -191,17 +197,19 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None):
-        """idx: (B, T) token ids. With targets (B, T), returns (logits, mean cross-entropy over targets != -100).
-        Without, returns (logits of the last position only, None): all that generation needs, at 1/T of the cost.
-        With a KVCache, idx continues the positions already in it, and their keys and values are reused."""
+    def forward(self, idx, targets=None, cache=None, loss_reduction="mean"):
+        """idx: (B, T) token ids. With targets (B, T), returns (logits (B, T, vocab), loss): the mean cross-entropy
+        over the targets that are not IGNORE_INDEX, or with loss_reduction="none" each position's (B, T), 0 where
+        ignored (for evaluations that weigh tokens their own way). Without targets, returns (logits of the last
+        position only (B, 1, vocab), None): all that generation needs, at 1/T of the cost. With a KVCache, idx
+        continues the positions already in it, and their keys and values are reused."""
         B, T = idx.shape
         past = 0 if cache is None else cache.length
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of length {past + T} is longer than the model's context "
                              f"({self.config.block_size})")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
         for block in self.transformer.h:
             x = block(x, cache)
         if cache is not None:
@@ -210,16 +218,16 @@ class GPT(nn.Module):
         if targets is None:
             return self.output_layer(x[:, [-1], :]), None
         logits = self.output_layer(x)
-        # float() so the softmax is in fp32 even under autocast; -100 marks positions with nothing to predict
-        loss = CrossEntropy.apply(logits.float().reshape(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        # float() so the softmax is in fp32 even under autocast
+        loss = cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), loss_reduction)
+        return logits, loss.view(B, T) if loss_reduction == "none" else loss
 
     def output_layer(self, x):
         """lm_head(x). On a GPU, tensor cores need matrix sizes that are multiples of 8 (and are fastest at 64),
         and GPT-2's 50,257 is odd: the matmul runs with the weight padded by zero rows to a multiple of 64 and the
         logits are sliced back, so the parameter, the checkpoints and the exported weights keep 50,257 rows. The
         padded copy costs microseconds on a GPU; CPUs gain nothing from it (bench.py), so they skip it. On a CPU in
-        fp32 the product goes through oneDNN instead (see OneDNNLinear)."""
+        fp32 the product goes through oneDNN instead (see OneDNNLinear). x: (B, T, n_embd) -> (B, T, vocab)."""
         if x.is_cuda:
             return padded_linear(x, self.lm_head.weight, multiple=64)
         # (under autocast the matmul runs in bf16 anyway; under torch.compile, inductor picks its own kernels)
@@ -227,6 +235,19 @@ class GPT(nn.Module):
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return OneDNNLinear.apply(x, self.lm_head.weight)
         return self.lm_head(x)
+
+    def configure_optimizer(self, weight_decay, lr, betas):
+        """AdamW in two groups. Weight decay pulls weights toward 0: right for matrices and embeddings, which it
+        keeps from growing; wrong for biases and LayerNorm gains, whose scale is meaningful. Those are exactly the
+        1-D parameters. Build it after the model is on its device: the fused kernel (all parameters in a few
+        launches instead of several per tensor) runs on CUDA and CPU tensors."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = self.lm_head.weight.device.type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
     def num_params(self, non_embedding=False):
         """Parameters, each counted once (the tied head is the token embedding). non_embedding drops both
@@ -280,79 +301,6 @@ class GPT(nn.Module):
         """idx (B, T) extended by up to max_new_tokens tokens: generate_stream's, collected."""
         return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **kwargs)], dim=1)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # The Hugging Face format: a directory with config.json and model.safetensors, as GPT2LMHeadModel reads and
-    # writes it. Its Conv1D layers store Linear weights transposed, (in, out); ours are nn.Linear's (out, in).
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, dropout=0.0):
-        """GPT-2 weights from a Hugging Face directory, or the hub names gpt2, gpt2-medium, gpt2-large and gpt2-xl
-        (downloaded with huggingface_hub, or found in its cache). Problems raise ValueError with one line to show."""
-        directory = name_or_dir if os.path.isdir(name_or_dir) else _download(name_or_dir)
-        config_path = os.path.join(directory, "config.json")
-        if not os.path.exists(config_path):
-            raise ValueError(f"{directory} has no config.json: not a Hugging Face model directory")
-        with open(config_path) as f:
-            hf = json.load(f)
-        config = replace(_config_from_hf(hf, directory), dropout=dropout)
-        state = {}
-        for key, tensor in _read_hf_weights(directory).items():
-            key = key.removeprefix("transformer.")
-            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-                continue  # the causal-mask buffers of old transformers versions, and the tied head
-            if key.endswith(HF_TRANSPOSED):
-                tensor = tensor.t()
-            state["transformer." + key] = tensor.float()
-        if "transformer.wte.weight" in state:
-            state["lm_head.weight"] = state["transformer.wte.weight"]
-        model = cls(config)
-        expected = set(model.state_dict())
-        if set(state) != expected:
-            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"{directory} does not hold GPT-2 weights: "
-                             f"{'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]} and "
-                             f"{max(len(missing) + len(unexpected) - 1, 0)} more")
-        for key, tensor in state.items():
-            if tensor.shape != model.state_dict()[key].shape:
-                raise ValueError(f"{directory}: {key} has shape {tuple(tensor.shape)}, config.json implies "
-                                 f"{tuple(model.state_dict()[key].shape)}")
-        model.load_state_dict(state)
-        return model
-
-    def save_pretrained(self, directory):
-        """Write config.json and model.safetensors that transformers' GPT2LMHeadModel.from_pretrained loads."""
-        try:
-            from safetensors.torch import save_file
-        except ImportError:
-            raise ValueError("writing Hugging Face weights needs safetensors: pip install safetensors")
-        cfg = self.config
-        if not cfg.bias:
-            raise ValueError("GPT-2 in the Hugging Face format has biases; a model with bias=False cannot be saved")
-        tensors = {}
-        for key, tensor in self.state_dict().items():
-            if key == "lm_head.weight":
-                continue  # tied: transformers rebuilds it from wte (safetensors refuses shared tensors anyway)
-            tensor = tensor.detach().float().cpu()
-            tensors[key] = (tensor.t() if key.endswith(HF_TRANSPOSED) else tensor).contiguous()
-        hf_config = {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
-            "n_head": cfg.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-            "initializer_range": 0.02, "tie_word_embeddings": True,
-            # <|endoftext|> begins and ends GPT-2's documents, when the vocabulary has it
-            "bos_token_id": 50256 if cfg.vocab_size > 50256 else None,
-            "eos_token_id": 50256 if cfg.vocab_size > 50256 else None,
-            "torch_dtype": "float32",
-        }
-        os.makedirs(directory, exist_ok=True)
-        # each file is written under a temporary name and renamed: an interrupted save leaves the old files whole
-        save_file(tensors, os.path.join(directory, "model.safetensors.tmp"), metadata={"format": "pt"})
-        with open(os.path.join(directory, "config.json.tmp"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-        for name in ("model.safetensors", "config.json"):
-            os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
-
 
 def _onednn_linear():
     """oneDNN's linear kernel (the one torch.compile uses on CPUs), where this build of PyTorch has it."""
@@ -367,8 +315,8 @@ ONEDNN_LINEAR = _onednn_linear()
 
 class OneDNNLinear(torch.autograd.Function):
     """F.linear(x, weight) without bias, forward through oneDNN. For the output layer on a CPU in fp32: MKL, which
-    F.linear calls, runs this thin, wide product ((tokens x n_embd) by (n_embd x 50,257)) at 75-95 GFLOP/s on the
-    2-core EPYC of bench.py's figures, oneDNN at 120-145; backward's two products are MKL's best already."""
+    F.linear calls, runs this thin, wide product ((tokens x n_embd) by (n_embd x 50,257)) well below the machine's
+    peak, oneDNN much closer to it (README.md, Performance); backward's two products are MKL's best already."""
 
     @staticmethod
     def forward(ctx, x, weight):
@@ -411,70 +359,3 @@ def filter_logits(logits, top_k=None, top_p=None):
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
-
-
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-def _download(name):
-    if name not in HUB_NAMES and not re.fullmatch(r"[\w-]+/[\w.-]+", name):  # hub ids are owner/name
-        raise ValueError(f"{name}: no such file or directory, and not a Hugging Face model name "
-                         f"({', '.join(HUB_NAMES)}, or owner/name)")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ValueError(f"{name} is not a local path; to download it from the Hugging Face hub: "
-                         f"pip install huggingface_hub")
-    files = ["config.json", "model.safetensors"]
-    try:
-        return snapshot_download(name, allow_patterns=files)
-    except Exception:
-        try:  # offline: a copy downloaded earlier may be in the cache
-            return snapshot_download(name, allow_patterns=files, local_files_only=True)
-        except Exception:
-            raise ValueError(f"{name}: no such file or directory, and it cannot be downloaded from the Hugging Face "
-                             f"hub (offline, or no such model) nor found in its cache")
-
-
-def _config_from_hf(hf, directory):
-    """GPTConfig from a transformers config.json, refusing the variants this model does not implement."""
-    if hf.get("model_type") != "gpt2":
-        raise ValueError(f"{directory} holds a {hf.get('model_type')!r} model, not GPT-2 (model_type 'gpt2')")
-    unsupported = {
-        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
-        "n_inner": (hf.get("n_inner"), (None, 4 * hf.get("n_embd", 0))),
-        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
-        "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
-        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
-        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,)),
-        "add_cross_attention": (hf.get("add_cross_attention", False), (False,)),
-    }
-    for field, (value, allowed) in unsupported.items():
-        if value not in allowed:
-            raise ValueError(f"{directory}: config.json has {field}={value!r}, which this GPT-2 does not implement")
-    try:
-        return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                         n_head=hf["n_head"], n_embd=hf["n_embd"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{directory}: config.json is not a usable GPT-2 config ({type(e).__name__}: {e})")
-
-
-def _read_hf_weights(directory):
-    safetensors_path = os.path.join(directory, "model.safetensors")
-    bin_path = os.path.join(directory, "pytorch_model.bin")
-    if os.path.exists(safetensors_path):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ValueError(f"reading {safetensors_path} needs safetensors: pip install safetensors")
-        try:
-            return load_file(safetensors_path)
-        except Exception as e:
-            raise ValueError(f"cannot read {safetensors_path} ({type(e).__name__}): damaged or incomplete")
-    if os.path.exists(bin_path):
-        try:
-            return torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read {bin_path} ({type(e).__name__}): damaged or incomplete")
-    raise ValueError(f"{directory} has neither model.safetensors nor pytorch_model.bin")

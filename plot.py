@@ -10,7 +10,6 @@ Needs matplotlib (pip install matplotlib), which nothing else in the repo does.
 import argparse
 import json
 import os
-import sys
 
 # one panel each: its title and the (metrics key, legend label) of each curve
 PANELS = [("loss", [("loss", "train"), ("val_loss", "val")]), ("learning rate", [("lr", "")]),

@@ -18,13 +18,15 @@ import sys
 
 import torch
 
+from checkpoint import load_model
 from data import EOT_TOKEN, alpaca_prompt, get_tokenizer
 from model import GPT
-from train import OneLineParser, TrainError, load_model, setup_runtime
+from runtime import OneLineParser, UserError, setup_runtime
 
 
 def build_parser():
-    p = OneLineParser(description="Sample from a trained GPT-2.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description="Sample from a trained GPT-2.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--init_from", default="out", help="a checkpoint (out/ckpt.pt or its directory), a Hugging Face GPT-2 "
       "directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
@@ -55,19 +57,19 @@ def read_prompt(prompt):
             with open(path, encoding="utf-8") as f:
                 return f.read()
         except (OSError, UnicodeDecodeError) as e:
-            raise TrainError(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}")
+            raise UserError(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}")
     return prompt
 
 
 def check_args(args):
     if args.instruction is not None and args.prompt is not None:
-        raise TrainError("--prompt and --instruction exclude each other: --instruction builds the prompt")
+        raise UserError("--prompt and --instruction exclude each other: --instruction builds the prompt")
     if args.input and args.instruction is None:
-        raise TrainError("--input goes with --instruction")
+        raise UserError("--input goes with --instruction")
     if args.max_new_tokens <= 0 or args.num_samples <= 0:
-        raise TrainError("--max_new_tokens and --num_samples must be positive")
+        raise UserError("--max_new_tokens and --num_samples must be positive")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise TrainError("--temperature and --top_k must not be negative, and --top_p must be in (0, 1]")
+        raise UserError("--temperature and --top_k must not be negative, and --top_p must be in (0, 1]")
 
 
 def stream_sample(model: GPT, prompt_tokens, args, rt, generator):
@@ -102,7 +104,7 @@ def main(argv=None):
             prompt = read_prompt("\n" if args.prompt is None else args.prompt)
         rt = setup_runtime(args.device, args.dtype)
         model = load_model(args.init_from).to(rt.device).eval()
-    except TrainError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     tokenizer = get_tokenizer()

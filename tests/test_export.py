@@ -1,10 +1,13 @@
+import argparse
 import json
+import os
 
 import pytest
 import torch
 
 import export
-import train
+from checkpoint import save_checkpoint
+from conftest import REPO
 from data import get_tokenizer
 from model import GPT, GPTConfig
 
@@ -14,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 def test_an_exported_checkpoint_loads_in_transformers_with_our_logits_and_tokenizer(tmp_path, capsys):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
-    train.save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()),
-                          torch.amp.GradScaler("cpu", enabled=False), 1, train.argparse.Namespace())
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()),
+                    torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace())
     export.main(["--init_from", str(tmp_path), "--out_dir", str(tmp_path / "hf")])
     assert "wrote" in capsys.readouterr().out
 
@@ -27,7 +30,7 @@ def test_an_exported_checkpoint_loads_in_transformers_with_our_logits_and_tokeni
 
     # the tokenizer written from the repo's gpt2.tiktoken is GPT-2's: same ids as ours on any text
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    text = open(train.os.path.join(train.os.path.dirname(train.__file__), "input.txt")).read(3000)
+    text = open(os.path.join(REPO, "input.txt")).read(3000)
     text += " naïve café 日本語 🤖\n\n\t  it's 1,234.5"
     assert tokenizer(text)["input_ids"] == get_tokenizer().encode_ordinary(text)
     assert tokenizer.eos_token_id == 50256

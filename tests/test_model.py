@@ -1,6 +1,4 @@
-import json
 import math
-import os
 
 import pytest
 import torch
@@ -9,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import model as model_module
-from model import GPT, PRESETS, CrossEntropy, GPTConfig, KVCache, filter_logits
+from model import GPT, PRESETS, GPTConfig, KVCache, cross_entropy, filter_logits
 
 
 def tiny_config(**overrides):
@@ -87,7 +85,7 @@ def test_forward_without_targets_returns_only_the_last_positions_logits():
     torch.testing.assert_close(last[:, 0], full[:, -1])
 
 
-def test_loss_is_the_mean_over_targets_that_are_not_minus_100():
+def test_loss_is_the_mean_over_targets_that_are_not_minus_100_of_the_per_token_losses():
     torch.manual_seed(0)
     model = GPT(tiny_config())
     idx = torch.randint(0, 97, (2, 8))
@@ -97,20 +95,35 @@ def test_loss_is_the_mean_over_targets_that_are_not_minus_100():
     kept = targets != -100
     expected = F.cross_entropy(logits[kept], targets[kept])
     torch.testing.assert_close(loss, expected)
+    # loss_reduction="none": each position's loss, 0 where ignored, for evaluations that weigh tokens their own way
+    _, per_token = model(idx, targets, loss_reduction="none")
+    assert per_token.shape == (2, 8) and (per_token[0, :5] == 0).all() and (per_token[kept] > 0).all()
+    torch.testing.assert_close(per_token[kept], F.cross_entropy(logits[kept], targets[kept], reduction="none"))
 
 
-def test_our_cross_entropy_has_pytorch_s_loss_and_gradient():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_our_cross_entropy_has_pytorch_s_loss_and_gradient(reduction):
     torch.manual_seed(0)
     logits = (torch.randn(64, 500) * 3).requires_grad_()
     targets = torch.randint(0, 500, (64,))
     targets[::5] = -100
-    ours = CrossEntropy.apply(logits, targets)
-    (grad_ours,) = torch.autograd.grad(ours * 2.5, logits)
-    theirs = F.cross_entropy(logits, targets, ignore_index=-100)
-    (grad_theirs,) = torch.autograd.grad(theirs * 2.5, logits)
+    weights = torch.rand(64) if reduction == "none" else 2.5  # a gradient that differs from row to row
+    ours = cross_entropy(logits, targets, reduction)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    theirs = F.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
+    (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), logits)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(grad_ours, grad_theirs)
     assert grad_ours[::5].abs().max() == 0  # unlabelled rows get no gradient
+
+
+def test_the_optimizer_decays_matrices_and_embeddings_but_not_biases_and_gains():
+    model = GPT(tiny_config())
+    decayed, not_decayed = model.configure_optimizer(weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95)).param_groups
+    assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
+    assert {id(p) for p in decayed["params"]} == {id(p) for p in model.parameters() if p.dim() == 2}
+    assert all(p.dim() == 1 for p in not_decayed["params"])
+    assert len(decayed["params"]) + len(not_decayed["params"]) == len(list(model.parameters()))  # tied: counted once
 
 
 def test_residual_projections_start_smaller_by_sqrt_of_twice_the_depth():
@@ -216,73 +229,7 @@ def test_top_p_keeps_the_fewest_most_likely_tokens_that_reach_p():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The Hugging Face format (transformers is a test-only dependency: requirements-dev.txt)
-
-
-def hf_gpt2(tmp_path, **shape):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape)).eval()
-    model.save_pretrained(tmp_path)
-    return model
-
-
-def assert_same_logits(ours, theirs, vocab_size, length=24):
-    idx = torch.randint(0, vocab_size, (2, length))
-    with torch.no_grad():
-        expected = theirs(idx).logits
-        logits, _ = ours.eval()(idx, torch.zeros_like(idx))
-    assert (logits - expected).abs().max().item() < 1e-4
-
-
-@pytest.mark.parametrize("shape", [
-    dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=50257),
-    dict(),  # the real gpt2 shape: 124M parameters
-], ids=["tiny", "gpt2"])
-def test_from_pretrained_gives_transformers_logits(tmp_path, shape):
-    theirs = hf_gpt2(tmp_path, **shape)
-    ours = GPT.from_pretrained(str(tmp_path))
-    assert ours.num_params() == theirs.num_parameters()
-    assert ours.lm_head.weight is ours.transformer.wte.weight
-    assert_same_logits(ours, theirs, theirs.config.vocab_size)
-
-
-def test_from_pretrained_reads_the_old_pytorch_model_bin_layout(tmp_path):
-    # OpenAI's original upload: no "transformer." prefix, causal-mask buffers stored as weights, a .bin file
-    theirs = hf_gpt2(tmp_path, n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=300)
-    os.remove(tmp_path / "model.safetensors")
-    state = {k.removeprefix("transformer."): v for k, v in theirs.state_dict().items()}
-    for i in range(2):
-        state[f"h.{i}.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
-    torch.save(state, tmp_path / "pytorch_model.bin")
-    assert_same_logits(GPT.from_pretrained(str(tmp_path)), theirs, 300, length=16)
-
-
-def test_save_pretrained_writes_what_transformers_loads_with_the_same_logits(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    ours = GPT(tiny_config(vocab_size=300))
-    ours.save_pretrained(str(tmp_path))
-    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
-    assert_same_logits(ours, theirs, 300, length=16)
-    assert torch.equal(GPT.from_pretrained(str(tmp_path)).state_dict()["lm_head.weight"],
-                       ours.state_dict()["lm_head.weight"])
-
-
-@pytest.mark.parametrize("breakage, message", [
-    (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "llama"})), "not GPT-2"),
-    (lambda d: os.remove(d / "model.safetensors"), "neither model.safetensors nor pytorch_model.bin"),
-    (lambda d: os.remove(d / "config.json"), "no config.json"),
-    (lambda d: (d / "model.safetensors").write_bytes(b"not weights"), "damaged"),
-    (lambda d: (d / "config.json").write_text(json.dumps(
-        {**json.loads((d / "config.json").read_text()), "n_layer": 3})), "missing transformer.h.2"),
-])
-def test_from_pretrained_explains_what_is_wrong_with_a_directory(tmp_path, breakage, message):
-    torch.manual_seed(0)
-    GPT(tiny_config(vocab_size=300)).save_pretrained(str(tmp_path))
-    breakage(tmp_path)
-    with pytest.raises(ValueError, match=message):
-        GPT.from_pretrained(str(tmp_path))
+# The output layer's kernels
 
 
 def test_padding_the_output_layer_for_gpu_tensor_cores_changes_no_value():

@@ -1,3 +1,4 @@
+import argparse
 import io
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import sample
-import train
+from checkpoint import save_checkpoint
 from conftest import REPO
 from data import EOT_TOKEN, alpaca_prompt, get_tokenizer
 from model import GPT, GPTConfig
@@ -18,8 +19,8 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
     path = tmp_path_factory.mktemp("run") / "ckpt.pt"
-    train.save_checkpoint(str(path), model, torch.optim.AdamW(model.parameters()),
-                          torch.amp.GradScaler("cpu", enabled=False), 1, train.argparse.Namespace())
+    save_checkpoint(str(path), model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False),
+                    1, argparse.Namespace())
     return model.eval(), str(path)
 
 
@@ -77,8 +78,8 @@ def test_instruction_is_wrapped_in_the_alpaca_template_and_only_the_response_pri
     _, path = checkpoint
     # the template alone is ~40 tokens: a model with room for it
     big = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=128)).eval()
-    train.save_checkpoint(path + ".big", big, torch.optim.AdamW(big.parameters()),
-                          torch.amp.GradScaler("cpu", enabled=False), 1, train.argparse.Namespace())
+    save_checkpoint(path + ".big", big, torch.optim.AdamW(big.parameters()), torch.amp.GradScaler("cpu", enabled=False),
+                    1, argparse.Namespace())
     out = run_sample(capsys, "--init_from", path + ".big", "--instruction", "Add the numbers.", "--input", "2, 3",
                      "--temperature", "0", "--max_new_tokens", "12")
     tokenizer = get_tokenizer()

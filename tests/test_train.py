@@ -1,4 +1,5 @@
 import argparse
+import ast
 import dataclasses
 import json
 import os
@@ -10,11 +11,14 @@ import time
 import pytest
 import torch
 
+import hf
 import prepare
 import train
+from checkpoint import save_checkpoint
 from conftest import REPO
-from data import TextLoader
+from data import LOADERS, TextLoader
 from model import GPT, GPTConfig
+from runtime import build_training, setup_runtime
 
 TINY = ["--model", "gpt2-nano", "--batch_size", "4", "--seq_len", "32", "--warmup_steps", "2", "--max_lr", "3e-3",
         "--log_interval", "1", "--eval_interval", "3", "--eval_steps", "2", "--sample_tokens", "0",
@@ -46,8 +50,18 @@ def test_help_lists_every_option_with_its_default():
     assert "(default: input.txt)" in out and "(default: out)" in out
 
 
+def test_no_script_or_shared_module_imports_the_trainer():
+    # the shared concerns live in their own files, so that the tools never depend on the training script
+    for name in sorted(os.listdir(REPO)):
+        if name.endswith(".py") and name != "train.py":
+            tree = ast.parse(open(os.path.join(REPO, name), encoding="utf-8").read())
+            imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+            imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            assert "train" not in imported, f"{name} imports train.py"
+
+
 def test_learning_rate_warms_up_from_zero_then_decays_to_min_lr():
-    args = train.argparse.Namespace(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
+    args = argparse.Namespace(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
     assert train.get_lr(0, args) == 0.0
     assert train.get_lr(5, args) == pytest.approx(5e-4)
     assert train.get_lr(10, args) == pytest.approx(1e-3)
@@ -173,29 +187,17 @@ def test_compiled_and_eager_training_steps_give_the_same_losses(small_text):
     train.check_args(args)
     cfg = train.model_config(args)
     accum_steps = train.batch_geometry(args, cfg, 1)
-    rt = train.setup_runtime("cpu", "float32")
-    loader = train.make_loader(args, accum_steps, rt)
+    rt = setup_runtime("cpu", "float32")
+    loader = LOADERS["text"](small_text, args.seq_len, args.batch_size, accum_steps)
     losses_by_mode = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = GPT(cfg)
-        optimizer = train.configure_optimizer(model, args, "cpu")
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        step_model = torch.compile(model) if compiled else model
+        step_model, optimizer, scaler = build_training(GPT(cfg), rt, weight_decay=args.weight_decay, lr=args.max_lr,
+                                                       betas=(args.beta1, args.beta2), compile=compiled)
         losses_by_mode[compiled] = [train.train_step(step_model, optimizer, scaler, loader, step, accum_steps, rt,
                                                      args)[1].item() for step in (1, 2, 3)]
     # the same math in another order of operations: equal to float rounding, far inside bf16's 1e-2
     assert losses_by_mode[True] == pytest.approx(losses_by_mode[False], rel=1e-3)
-
-
-@pytest.mark.parametrize("bf16_faster, expected", [(True, torch.bfloat16), (False, torch.float32)])
-def test_auto_dtype_on_cpu_follows_the_measured_matmul_speed(monkeypatch, bf16_faster, expected):
-    assert isinstance(train.cpu_bf16_is_faster(), bool)  # the real measurement runs on any CPU
-    monkeypatch.setattr(train, "cpu_bf16_is_faster", lambda: bf16_faster)
-    runtime = train.setup_runtime("cpu", "auto")
-    assert runtime.dtype == expected
-    with runtime.autocast():
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == expected  # matmuls run in the chosen dtype
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -216,11 +218,11 @@ def test_init_from_starts_from_the_weights_with_their_shape_and_a_fresh_schedule
     start = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=24, block_size=48))  # a shape of no preset
     if source == "hf_dir":
         pytest.importorskip("safetensors")
-        start.save_pretrained(str(tmp_path / "start"))
+        hf.save_pretrained(start, str(tmp_path / "start"))
     else:
         (tmp_path / "start").mkdir()
-        train.save_checkpoint(str(tmp_path / "start" / "ckpt.pt"), start, torch.optim.AdamW(start.parameters()),
-                              torch.amp.GradScaler("cpu", enabled=False), 7, argparse.Namespace(model="x"))
+        save_checkpoint(str(tmp_path / "start" / "ckpt.pt"), start, torch.optim.AdamW(start.parameters()),
+                        torch.amp.GradScaler("cpu", enabled=False), 7, argparse.Namespace(model="x"))
     out = tmp_path / "out"
     train.main(["--dataset_path", small_text, "--out_dir", str(out), *without_model_flag(TINY),
                 "--init_from", str(tmp_path / "start"), "--max_steps", "3"])

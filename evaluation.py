@@ -1,0 +1,133 @@
+"""
+Evaluation, the same for train.py's periodic evaluation and for eval.py: loss, perplexity and bits per byte over
+batches of (x, y), and HellaSwag (reading its items, and scoring them). Over all ranks under torchrun: each rank
+passes its own batches or items, and the figures are the whole job's.
+"""
+
+import functools
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+from data import EOT_TOKEN, IGNORE_INDEX, DataError, get_tokenizer
+
+
+@functools.lru_cache(maxsize=None)
+def token_byte_lengths():
+    """The UTF-8 byte length of every token's text, as an int64 array indexed by token id. <|endoftext|> is not
+    text: 0 bytes. Bits per byte divides a loss by these, so models with other tokenizers or sequence lengths
+    compare."""
+    tokenizer = get_tokenizer()
+    lengths = [len(tokenizer.decode_single_token_bytes(i)) for i in range(EOT_TOKEN)]
+    return np.array(lengths + [0], dtype=np.int64)
+
+
+@torch.no_grad()
+def evaluate(model, batches, rt):
+    """{"loss": nats per label, "ppl": perplexity, "bpb": bits per byte, "labels": labels counted} over batches of
+    (x, y), all ranks' together. Bits per byte leave out <|endoftext|>, which stands for no text (nanochat's
+    convention)."""
+    was_training = model.training
+    model.eval()
+    byte_lengths = torch.from_numpy(token_byte_lengths()).to(rt.device)
+    sums = torch.zeros(4, device=rt.device, dtype=torch.float64)  # nats, labels, nats of text tokens, their bytes
+    for x, y in batches:
+        x, y = rt.to_device((x, y))
+        with rt.autocast():
+            _, nats = model(x, y, loss_reduction="none")  # (B, T), 0 where y is IGNORE_INDEX
+        labelled = y != IGNORE_INDEX
+        token_bytes = byte_lengths[y.clamp(min=0)] * labelled
+        nats = nats.double()
+        sums += torch.stack([nats.sum(), labelled.sum().double(), nats[token_bytes > 0].sum(),
+                             token_bytes.sum().double()])
+    model.train(was_training)
+    nats, labels, text_nats, text_bytes = rt.all_reduce_sum(sums).tolist()
+    loss = nats / labels
+    return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bpb": text_nats / math.log(2) / max(text_bytes, 1),
+            "labels": int(labels)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HellaSwag: 10,042 validation items, a context and four endings each, one of them right.
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+def load_hellaswag(path):
+    """HellaSwag items from its JSONL (rowanz/hellaswag's hellaswag_val.jsonl: "ctx", "endings", "label"), as
+    (context tokens, [tokens of each ending], label). Each ending is scored as a completion of the context,
+    the way GPT-2 reproductions do it: " " + ending after the context."""
+    if path == "download":
+        path = download_hellaswag()
+    tokenizer, items = get_tokenizer(), []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    context, endings, label = item["ctx"], item["endings"], int(item["label"])
+                    if not (isinstance(endings, list) and len(endings) >= 2 and 0 <= label < len(endings)):
+                        raise ValueError
+                except (ValueError, KeyError, TypeError):
+                    raise DataError(f'{path} line {lineno} is not a HellaSwag item (JSON with "ctx", a list of '
+                                    f'"endings" and the "label" of the right one)')
+                items.append((tokenizer.encode_ordinary(context),
+                              [tokenizer.encode_ordinary(" " + ending) for ending in endings], label))
+    except OSError as e:
+        raise DataError(f"cannot read HellaSwag file {path}: {e.strerror}; pass hellaswag_val.jsonl from "
+                        f"github.com/rowanz/hellaswag, or 'download' when online")
+    if not items:
+        raise DataError(f"{path} holds no HellaSwag items")
+    return items
+
+
+def download_hellaswag():
+    """HellaSwag's validation set, fetched once into ~/.cache/gpt2-train."""
+    import urllib.request
+
+    path = os.path.join(os.path.expanduser("~"), ".cache", "gpt2-train", "hellaswag_val.jsonl")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with urllib.request.urlopen(HELLASWAG_URL, timeout=30) as response:
+                data = response.read()
+        except OSError as e:
+            raise DataError(f"cannot download HellaSwag from {HELLASWAG_URL} ({e}): offline? Download "
+                            f"hellaswag_val.jsonl elsewhere and pass its path")
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+@torch.no_grad()
+def hellaswag_accuracy(model, items, rt):
+    """HellaSwag as GPT-2 reproductions score it: each ending's tokens are scored by their loss after the context;
+    acc picks the ending with the lowest total loss, acc_norm the lowest loss per token (so long endings are not
+    penalised for their length). Each rank scores its share of the items."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, device=rt.device, dtype=torch.float64)  # items, right by acc, right by acc_norm
+    context_size = model.config.block_size + 1  # x and y of the longest row the model takes
+    for context, endings, label in items[rt.rank :: rt.world_size]:
+        rows = [(context + ending)[-context_size:] for ending in endings]  # too long: drop the context's start
+        x = torch.full((len(rows), max(map(len, rows)) - 1), EOT_TOKEN, dtype=torch.long)
+        y = torch.full_like(x, IGNORE_INDEX)
+        for i, (row, ending) in enumerate(zip(rows, endings)):
+            x[i, : len(row) - 1] = torch.tensor(row[:-1])
+            y[i, len(row) - 1 - len(ending) : len(row) - 1] = torch.tensor(ending)
+        x, y = rt.to_device((x, y))
+        with rt.autocast():
+            _, nats = model(x, y, loss_reduction="none")  # (endings, T): each ending's tokens' losses
+        nats = nats.sum(1)
+        lengths = torch.tensor([len(ending) for ending in endings], device=rt.device)
+        counts += torch.tensor([1, nats.argmin().item() == label, (nats / lengths).argmin().item() == label],
+                               device=rt.device, dtype=torch.float64)
+    model.train(was_training)
+    n, right, right_norm = rt.all_reduce_sum(counts).tolist()
+    return {"acc": right / n, "acc_norm": right_norm / n}

@@ -1,0 +1,278 @@
+"""
+Where and how the math runs: the device, the autocast dtype, the processes of a torchrun job and what passes between
+them, the device's peak FLOP/s. Also the conventions every script shares: one-line errors, on one rank only.
+
+    rt = setup_runtime("auto", "auto")          # the device, the dtype, and the process group under torchrun
+    model, optimizer, scaler = build_training(GPT(config), rt, ...)   # what train.py and bench.py step
+    with rt.autocast():
+        logits, loss = model(*rt.to_device(batch))
+    loss_all_ranks = rt.all_reduce_mean(loss.detach())
+"""
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+class UserError(Exception):
+    """A problem the user can fix (options, a device, a checkpoint, a diverging run): one line, no traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default prints the whole usage first; one line says it better
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def print_error(error):
+    """`error: ...` on stderr, from rank 0 only: under torchrun every rank fails alike, and one line is enough."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {error}", file=sys.stderr)
+
+
+@dataclasses.dataclass
+class Runtime:
+    device: str  # "cpu", "cuda:3", "mps"
+    device_type: str  # "cpu", "cuda", "mps": what autocast and the optimizer ask about
+    dtype: torch.dtype  # the autocast dtype; float32 means no autocast
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    host_group: object = None  # a gloo process group for small host-side values (see any_rank)
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    @property
+    def master(self):  # only rank 0 prints and writes files
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self):
+        """fp16 has a narrow range: the scaler multiplies the loss so that small gradients don't underflow, and
+        divides them back before the optimizer step. Other dtypes need none (a disabled scaler passes through)."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
+
+    def to_device(self, batch):
+        """A loader's (x, y) on the device. To a GPU from pinned memory, without waiting: the copy overlaps the
+        previous kernels instead of stalling the host."""
+        if self.device_type == "cuda":
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+        return tuple(t.to(self.device) for t in batch)
+
+    def all_reduce_sum(self, t):
+        """t summed over the ranks, in place (t itself in a single process)."""
+        if self.ddp:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def all_reduce_mean(self, t):
+        return self.all_reduce_sum(t) / self.world_size  # gloo has no AVG: sum, then divide
+
+    def any_rank(self, flag):
+        """Whether flag is true on any rank: how the ranks agree to stop at the same step. A CPU tensor over the
+        gloo group, because a GPU tensor would make the host wait for the step's kernels."""
+        if not self.ddp:
+            return bool(flag)
+        t = torch.tensor([int(bool(flag))], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(t.item())
+
+    def require_grad_sync(self, model, sync):
+        """Whether the next backward pass all-reduces the gradients over the ranks. DDP does it during backward;
+        between the micro-steps of one optimizer step that is wasted traffic, so only the last one syncs. DDP reads
+        the flag in forward: set it before."""
+        if self.ddp:
+            model.require_backward_grad_sync = sync
+
+    def synchronize(self):
+        """Wait for the device's queued work (GPUs run asynchronously): before and after anything that is timed."""
+        if self.device_type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def peak_flops(self):
+        """The device's peak FLOP/s in the run's dtype: MFU's denominator."""
+        if self.device_type == "cuda" and self.dtype != torch.float32:
+            name = torch.cuda.get_device_name(self.device)
+            for key, flops in GPU_PEAK_FLOPS:
+                if key in name:
+                    return flops
+        return measured_matmul_flops(self)
+
+
+def setup_runtime(device="auto", dtype="auto"):
+    """Pick the device and autocast dtype, and join the process group when launched by torchrun (RANK is set)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available on this machine; use --device cpu")
+    rt = Runtime(device=device, device_type=device, dtype=torch.float32)
+    if device == "cpu":
+        keep_freed_memory()
+    if "RANK" in os.environ:  # launched by torchrun
+        rt.rank, rt.local_rank, rt.world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if device == "cuda":
+            rt.device = f"cuda:{rt.local_rank}"
+            torch.cuda.set_device(rt.device)
+        # NCCL moves gradients GPU to GPU; gloo is the backend that works for CPU tensors
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        rt.host_group = dist.new_group(backend="gloo") if device == "cuda" else dist.group.WORLD
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    if dtype == "auto":
+        if device == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        elif device == "cpu":
+            # ranks time it separately: they agree on bf16 only if all of them found it faster
+            dtype = "float32" if rt.any_rank(not cpu_bf16_is_faster()) else "bfloat16"
+        else:
+            dtype = "float32"
+    rt.dtype = getattr(torch, dtype)
+    return rt
+
+
+def shutdown():
+    """Leave the process group, if this process joined one: the last thing a script does under torchrun, once the
+    run's objects are gone. A DDP module that outlives the group (collected only when the interpreter exits) can
+    abort the process on its way out, so what is left of them is collected first."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def build_training(model, rt, *, weight_decay, lr, betas, compile=False, state=None):
+    """What a training step needs, built in the one order that works: the model on the device, its optimizer (built
+    on the device's parameters) and GradScaler, their states restored from a checkpoint's `state` when given, then
+    the model compiled if asked and wrapped in DDP under torchrun. Returns (step_model, optimizer, scaler):
+    step_model is what the step calls; `model` itself, unwrapped, is what checkpoints save and samples use.
+    train.py and bench.py both build through here."""
+    model.to(rt.device)
+    optimizer = model.configure_optimizer(weight_decay, lr, betas)
+    scaler = rt.grad_scaler()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    step_model = torch.compile(model) if compile else model
+    if rt.ddp:
+        # gradients live in DDP's communication buckets: no copy between the two, less memory
+        step_model = DDP(step_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
+                         gradient_as_bucket_view=True)
+    return step_model, optimizer, scaler
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """The update after a step's backward passes: gradients unscaled (fp16), clipped to grad_clip (0: not
+    clipped), the optimizer's step, and the gradients zeroed. Returns the gradient norm before clipping."""
+    scaler.unscale_(optimizer)
+    # with clipping off, an infinite cap only measures the norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def cpu_bf16_is_faster():
+    """Whether this CPU multiplies bf16 matrices clearly faster than fp32. CPUs with bf16 units (AMX, AVX512-BF16,
+    Arm's BF16) run it several times faster; without them PyTorch emulates it, many times slower. Flags don't tell
+    reliably across operating systems and architectures, so time it: a few milliseconds, once per run."""
+    a = torch.randn(256, 256)
+
+    def seconds(x, budget):
+        x @ x  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            x @ x
+            best = min(best, time.perf_counter() - t0)
+            if best > budget:  # already clearly slower: stop early, emulated bf16 is slow
+                break
+        return best
+
+    fp32 = seconds(a, float("inf"))
+    return seconds(a.bfloat16(), fp32) * 1.5 < fp32
+
+
+def keep_freed_memory():
+    """glibc hands each freed block of more than 32 MB back to the operating system, so a training step's large
+    tensors (the (rows, vocab) logits and softmax: 200 MB each at 4 x 256 tokens) come back as fresh pages that the
+    kernel must fault in and zero, every step: a large part of a small model's step on a CPU. Raising malloc's
+    mmap and trim thresholds keeps that memory in the process for reuse. Not glibc (macOS, musl): nothing to do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+    except (OSError, AttributeError):
+        pass
+
+
+# Dense bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets, matched against the name CUDA reports
+# (in this order: "H100 PCIe" before "H100"). MFU is measured against these; other devices and dtypes get a peak
+# measured on the spot.
+GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                  ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+                  ("V100", 125e12), ("T4", 65e12)]
+
+
+def measured_matmul_flops(rt):
+    """FLOP/s of the largest square matmul that takes ~50 ms (up to 2048 on a CPU, 8192 on a GPU), in the run's
+    dtype: what the device really sustains, e.g. a CPU with bf16 units against one that emulates bf16."""
+    n, largest = 256, 2048 if rt.device_type == "cpu" else 8192
+    while True:
+        a = torch.randn(n, n, device=rt.device).to(rt.dtype)
+        out = torch.mm(a, a)  # warm-up; then into the same output, so no allocation is timed
+        best = float("inf")
+        for _ in range(5):  # the best of five: the peak is what the device can do, not what it did once
+            rt.synchronize()
+            t0 = time.perf_counter()
+            torch.mm(a, a, out=out)
+            rt.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        if best > 0.05 or n >= largest:
+            return 2 * n**3 / best
+        n *= 2
+
+
+class Throughput:
+    """Tokens/s, time per step and MFU (model FLOPs utilisation: flops_per_token * tokens/s over the peak of all
+    the ranks' devices) over the steps since the last reading, for train.py's log. The peak is measured once, at
+    the first reading, when the device is warm (as bench.py does), and the time that takes is not counted."""
+
+    def __init__(self, flops_per_token, rt, step):
+        self.flops_per_token, self.rt, self.peak = flops_per_token, rt, None
+        self.seconds_per_step = 0.0
+        self.restart(step)
+
+    def restart(self, step):
+        self.time, self.step, self.tokens = time.perf_counter(), step, 0
+
+    def count(self, tokens):
+        self.tokens += tokens
+
+    def read(self, step):
+        seconds = time.perf_counter() - self.time
+        self.seconds_per_step = seconds / (step - self.step)
+        tokens_per_sec = self.tokens / seconds
+        if self.peak is None:
+            self.peak = self.rt.peak_flops()
+        self.restart(step)
+        mfu = self.flops_per_token * tokens_per_sec / (self.peak * self.rt.world_size)
+        return {"tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4)}

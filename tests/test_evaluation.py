@@ -1,0 +1,52 @@
+import json
+
+import torch
+import torch.nn as nn
+import pytest
+
+from data import EOT_TOKEN, DataError, get_tokenizer
+from evaluation import hellaswag_accuracy, load_hellaswag, token_byte_lengths
+from model import GPTConfig
+from runtime import setup_runtime
+
+
+def test_endoftext_has_no_bytes_and_other_tokens_their_text_s():
+    lengths = token_byte_lengths()
+    assert lengths[EOT_TOKEN] == 0 and len(lengths) == EOT_TOKEN + 1
+    ids = get_tokenizer().encode_ordinary("Héllo, wörld! 日本")
+    assert sum(lengths[ids]) == len("Héllo, wörld! 日本".encode("utf-8"))
+
+
+class FixedCostModel(nn.Module):
+    """Logits that give each token the same loss wherever it is: cost[t] less the same normaliser for all."""
+
+    def __init__(self, costs):
+        super().__init__()
+        self.config = GPTConfig(n_layer=1, n_head=1, n_embd=4, block_size=64, vocab_size=len(costs))
+        self.log_probs = -torch.tensor(costs)
+
+    def forward(self, x, y=None, loss_reduction="mean"):
+        log_probs = self.log_probs.expand(*x.shape, -1)
+        nats = -log_probs.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != -100)  # (B, T), as GPT's
+        return log_probs, nats
+
+
+def write_hellaswag(path, items):
+    path.write_text("\n".join(json.dumps(item) for item in items))
+    return str(path)
+
+
+def test_acc_norm_divides_an_ending_s_loss_by_its_length():
+    # context [0]; the right ending: 4 tokens of ~0.5 nat (2 in all); a wrong one: 1 token of ~1.5 nats
+    model = FixedCostModel([3.0, 1.0, 2.0, 3.0])
+    items = [([0], [[1, 1, 1, 1], [2]], 0)]
+    scores = hellaswag_accuracy(model, items, setup_runtime("cpu", "float32"))
+    assert scores == {"acc": 0.0, "acc_norm": 1.0}
+
+
+@pytest.mark.parametrize("line, message", [("not json", "line 1 is not a HellaSwag item"),
+                                           ('{"ctx": "a", "endings": ["b"], "label": 0}', "line 1")])
+def test_a_bad_hellaswag_file_is_one_line(tmp_path, line, message):
+    (tmp_path / "hs.jsonl").write_text(line)
+    with pytest.raises(DataError, match=message):
+        load_hellaswag(str(tmp_path / "hs.jsonl"))
