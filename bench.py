@@ -14,11 +14,14 @@ MFU and peak memory. MFU is against Runtime.peak_flops: the data sheet's bf16/fp
 large matmul timed on the spot in the run's dtype.
 Decoding: greedy tokens/s of a batch of one from random weights of the model's shape (or --init_from), with and
 without the KV cache, and of transformers' generate on the same weights when transformers is installed.
-Both print a table, then one JSON line with every figure.
+Both print a table, then one JSON line with every figure. The options are train.py's that decide what a step
+computes (shape, batch, dtype, device, compile, data); the schedule and the optimizer's settings don't change its
+speed and are fixed here.
 """
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -41,6 +44,7 @@ def build_parser():
     a("--n_layer", type=int, help="override the preset's number of layers")
     a("--n_head", type=int, help="override the preset's number of attention heads")
     a("--n_embd", type=int, help="override the preset's width")
+    a("--dropout", type=float, default=0.0, help="dropout probability")
     a("--dataset_type", default="text", choices=list(LOADERS), help="as in train.py")
     a("--dataset_path", default="input.txt", help="as in train.py")
     a("--batch_size", type=int, default=4, help="sequences per micro-batch, per process")
@@ -66,13 +70,8 @@ def peak_memory_gb(rt):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # the process's peak RSS (Linux: KiB)
 
 
-def bench_training(args, rt, cfg):
+def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
     world_size = rt.world_size
-    seq_len = args.seq_len or cfg.block_size
-    if not 0 < seq_len <= cfg.block_size:
-        raise UserError(f"--seq_len must be positive and at most the model's context ({cfg.block_size})")
-    total_batch_size = args.total_batch_size or args.batch_size * seq_len * world_size
-    accum_steps = accumulation_steps(total_batch_size, args.batch_size, seq_len, world_size)
     # the peak is measured before and after the steps, and the higher taken: on a shared machine a moment of
     # contention would otherwise lower the peak and flatter the MFU
     peak_before = rt.peak_flops()
@@ -167,16 +166,28 @@ def bench_decoding(args, rt, cfg):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if min(args.steps, args.batch_size, args.prompt_tokens, args.new_tokens) <= 0 or args.warmup < 0:
-            raise UserError("--steps, --batch_size, --prompt_tokens and --new_tokens must be positive, --warmup not "
-                            "negative")
+        for name in ("steps", "batch_size", "prompt_tokens", "new_tokens", "seq_len", "total_batch_size"):
+            if getattr(args, name) is not None and getattr(args, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+        if args.warmup < 0:
+            raise UserError(f"--warmup must not be negative, got {args.warmup}")
         shape = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k) is not None}
         try:
-            cfg = GPTConfig(**{**PRESETS[args.model], **shape})
+            cfg = GPTConfig(**{**PRESETS[args.model], **shape}, dropout=args.dropout)
         except ValueError as e:
             raise UserError(f"model shape: {e}")
+        # the batch arithmetic is checked before joining the processes of a torchrun job, so all of them stop alike
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        seq_len = args.seq_len or cfg.block_size
+        if seq_len > cfg.block_size:
+            raise UserError(f"--seq_len {seq_len} is longer than the model's context ({cfg.block_size})")
+        total_batch_size = args.total_batch_size or args.batch_size * seq_len * world_size
+        accum_steps = accumulation_steps(total_batch_size, args.batch_size, seq_len, world_size)
         rt = setup_runtime(args.device, args.dtype)
-        result = bench_decoding(args, rt, cfg) if args.sample else bench_training(args, rt, cfg)
+        if args.sample:
+            result = bench_decoding(args, rt, cfg)
+        else:
+            result = bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps)
         result = {"mode": "sample" if args.sample else "train", "model": args.init_from or args.model,
                   "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else rt.device,
                   "dtype": str(rt.dtype).removeprefix("torch."), "compile": args.compile, **result}

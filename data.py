@@ -133,9 +133,10 @@ class Loader:
         return self.global_rows * self.seq_len
 
     def epoch_order(self, split, step, n):
-        """Item numbers (of n items) of step's global batch, row by row. Validation row g is item g % n: from the
-        start, in order, wrapping. Training row g is item shuffle(g % n, n, epoch g // n): each epoch visits every
-        item once, in an order of its own drawn from (seed, epoch)."""
+        """Item numbers (of n items) of step's global batch, row by row, for the loaders that visit items (examples,
+        windows) epoch by epoch. Validation row g is item g % n: from the start, in order, wrapping. Training row g
+        is item self.shuffle(g % n, n, epoch g // n), shuffle being the loader's permutation of range(n) for that
+        epoch, drawn from (seed, epoch): each epoch visits every item once, in an order of its own."""
         g = step * self.global_rows + np.arange(self.global_rows)
         if split == "val":
             return g % n

@@ -22,7 +22,7 @@ import torch
 from checkpoint import is_checkpoint, load_checkpoint, load_model
 from data import IGNORE_INDEX, LOADERS, AlpacaLoader, DataError
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
-from runtime import OneLineParser, UserError, setup_runtime
+from runtime import OneLineParser, UserError, print_error, setup_runtime
 
 
 def build_parser():
@@ -108,7 +108,7 @@ def main(argv=None):
             scores = hellaswag_accuracy(model, items, rt)
             results.update({"hellaswag_items": len(items), **{f"hellaswag_{k}": v for k, v in scores.items()}})
     except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         sys.exit(2)
     for key, value in results.items():
         print(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}")

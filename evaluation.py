@@ -33,21 +33,26 @@ def evaluate(model, batches, rt):
     was_training = model.training
     model.eval()
     byte_lengths = torch.from_numpy(token_byte_lengths()).to(rt.device)
-    sums = torch.zeros(4, device=rt.device, dtype=torch.float64)  # nats, labels, nats of text tokens, their bytes
+    sums = torch.zeros(4, device=rt.device, dtype=sum_dtype(rt))  # nats, labels, nats of text tokens, their bytes
     for x, y in batches:
         x, y = rt.to_device((x, y))
         with rt.autocast():
             _, nats = model(x, y, loss_reduction="none")  # (B, T), 0 where y is IGNORE_INDEX
         labelled = y != IGNORE_INDEX
         token_bytes = byte_lengths[y.clamp(min=0)] * labelled
-        nats = nats.double()
-        sums += torch.stack([nats.sum(), labelled.sum().double(), nats[token_bytes > 0].sum(),
-                             token_bytes.sum().double()])
+        nats = nats.to(sums.dtype)
+        sums += torch.stack([nats.sum(), labelled.sum(), nats[token_bytes > 0].sum(), token_bytes.sum()]).to(sums)
     model.train(was_training)
     nats, labels, text_nats, text_bytes = rt.all_reduce_sum(sums).tolist()
     loss = nats / labels
     return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bpb": text_nats / math.log(2) / max(text_bytes, 1),
             "labels": int(labels)}
+
+
+def sum_dtype(rt):
+    """Sums over a whole evaluation are kept in float64 (millions of float32 terms would lose digits), except on
+    Apple's MPS, which has no float64."""
+    return torch.float32 if rt.device_type == "mps" else torch.float64
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,7 +117,7 @@ def hellaswag_accuracy(model, items, rt):
     penalised for their length). Each rank scores its share of the items."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, device=rt.device, dtype=torch.float64)  # items, right by acc, right by acc_norm
+    counts = torch.zeros(3, device=rt.device, dtype=sum_dtype(rt))  # items, right by acc, right by acc_norm
     context_size = model.config.block_size + 1  # x and y of the longest row the model takes
     for context, endings, label in items[rt.rank :: rt.world_size]:
         rows = [(context + ending)[-context_size:] for ending in endings]  # too long: drop the context's start
@@ -127,7 +132,7 @@ def hellaswag_accuracy(model, items, rt):
         nats = nats.sum(1)
         lengths = torch.tensor([len(ending) for ending in endings], device=rt.device)
         counts += torch.tensor([1, nats.argmin().item() == label, (nats / lengths).argmin().item() == label],
-                               device=rt.device, dtype=torch.float64)
+                               device=rt.device, dtype=counts.dtype)
     model.train(was_training)
     n, right, right_norm = rt.all_reduce_sum(counts).tolist()
     return {"acc": right / n, "acc_norm": right_norm / n}

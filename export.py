@@ -15,7 +15,7 @@ import sys
 
 import hf
 from checkpoint import load_model
-from runtime import OneLineParser, UserError
+from runtime import OneLineParser, UserError, print_error
 
 
 def main(argv=None):
@@ -31,10 +31,10 @@ def main(argv=None):
         hf.save_pretrained(model, args.out_dir)
         hf.save_tokenizer(args.out_dir, model.config.block_size)
     except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         sys.exit(2)
     except OSError as e:
-        print(f"error: cannot write {args.out_dir}: {e.strerror}", file=sys.stderr)
+        print_error(f"cannot write {args.out_dir}: {e.strerror}")
         sys.exit(2)
     print(f"wrote {args.out_dir}: {model.num_params() / 1e6:.2f}M parameters, loads with "
           f"transformers.GPT2LMHeadModel.from_pretrained({args.out_dir!r})")

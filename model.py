@@ -1,6 +1,6 @@
 """
-The GPT-2 model and its generation (with a KV cache). No knowledge of files, flags, devices or runs: train.py and
-the scripts bring those; the Hugging Face file format is hf.py's.
+The GPT-2 model and its generation (with a KV cache). No knowledge of files, flags or runs: train.py and the
+scripts bring those; the Hugging Face file format is hf.py's.
 
 The module layout and parameter names follow OpenAI's GPT-2 (as laid out by Hugging Face's GPT2LMHeadModel, minus
 the `transformer.` prefix quirks), so released weights load into it without changing the module:

@@ -21,7 +21,7 @@ import torch
 from checkpoint import load_model
 from data import EOT_TOKEN, alpaca_prompt, get_tokenizer
 from model import GPT
-from runtime import OneLineParser, UserError, setup_runtime
+from runtime import OneLineParser, UserError, print_error, setup_runtime
 
 
 def build_parser():
@@ -105,7 +105,7 @@ def main(argv=None):
         rt = setup_runtime(args.device, args.dtype)
         model = load_model(args.init_from).to(rt.device).eval()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         sys.exit(2)
     tokenizer = get_tokenizer()
     prompt_tokens = tokenizer.encode_ordinary(prompt) or [EOT_TOKEN]
