@@ -78,7 +78,7 @@ class CausalSelfAttention(nn.Module):
             mask, is_causal = positions <= positions[past:, None], False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -146,7 +146,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        # GPT-2 was trained with the tanh approximation of GELU; the exact erf form would change its outputs
+        # (B, T, C) -> (B, T, 4C) -> (B, T, C). GPT-2 was trained with the tanh approximation of GELU; the exact
+        # erf form would change its outputs
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
