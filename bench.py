@@ -32,8 +32,9 @@ import torch
 import hf
 from checkpoint import load_model
 from data import LOADERS, DataError, accumulation_steps
-from model import GPT, PRESETS, GPTConfig
-from runtime import OneLineParser, UserError, build_training, optimizer_step, print_error, setup_runtime, shutdown
+from model import GPT, PRESETS, preset_config
+from runtime import (OneLineParser, UserError, add_device_flags, build_training, optimizer_step, print_error,
+                     setup_runtime, shutdown)
 
 
 def build_parser():
@@ -51,8 +52,7 @@ def build_parser():
     a("--seq_len", type=int, help="tokens per sequence (default: the model's context)")
     a("--total_batch_size", type=int, help="tokens per optimizer step, all processes and micro-steps together "
       "(default: batch_size * seq_len * processes, no gradient accumulation)")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="as in train.py")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    add_device_flags(p)
     a("--compile", action="store_true", help="torch.compile the model")
     a("--seed", type=int, default=1337, help="seeds the weights and the batches")
     a("--steps", type=int, default=10, help="timed steps")
@@ -171,9 +171,8 @@ def main(argv=None):
                 raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
         if args.warmup < 0:
             raise UserError(f"--warmup must not be negative, got {args.warmup}")
-        shape = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k) is not None}
         try:
-            cfg = GPTConfig(**{**PRESETS[args.model], **shape}, dropout=args.dropout)
+            cfg = preset_config(args.model, args.dropout, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
         except ValueError as e:
             raise UserError(f"model shape: {e}")
         # the batch arithmetic is checked before joining the processes of a torchrun job, so all of them stop alike

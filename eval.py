@@ -22,7 +22,7 @@ import torch
 from checkpoint import is_checkpoint, load_checkpoint, load_model
 from data import IGNORE_INDEX, LOADERS, AlpacaLoader, DataError
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
-from runtime import OneLineParser, UserError, print_error, setup_runtime
+from runtime import OneLineParser, UserError, add_device_flags, print_error, setup_runtime
 
 
 def build_parser():
@@ -40,8 +40,7 @@ def build_parser():
     a("--max_tokens", type=int, help="stop after about this many predicted tokens (default: the whole split)")
     a("--hellaswag_path", help="HellaSwag's hellaswag_val.jsonl, or 'download' (online)")
     a("--hellaswag_limit", type=int, help="score only the first N items")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype")
+    add_device_flags(p)
     return p
 
 

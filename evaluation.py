@@ -41,7 +41,8 @@ def evaluate(model, batches, rt):
         labelled = y != IGNORE_INDEX
         token_bytes = byte_lengths[y.clamp(min=0)] * labelled
         nats = nats.to(sums.dtype)
-        sums += torch.stack([nats.sum(), labelled.sum(), nats[token_bytes > 0].sum(), token_bytes.sum()]).to(sums)
+        text_nats = nats * (token_bytes > 0)  # a mask, not an index: no wait for the device
+        sums += torch.stack([nats.sum(), labelled.sum(), text_nats.sum(), token_bytes.sum()]).to(sums)
     model.train(was_training)
     nats, labels, text_nats, text_bytes = rt.all_reduce_sum(sums).tolist()
     loss = nats / labels

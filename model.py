@@ -50,6 +50,12 @@ PRESETS = {
 }
 
 
+def preset_config(name, dropout=0.0, **shape):
+    """The GPTConfig of preset `name`, with the fields of shape (n_layer=..., ...) that are not None in place of the
+    preset's. An impossible shape raises ValueError."""
+    return GPTConfig(**{**PRESETS[name], **{k: v for k, v in shape.items() if v is not None}}, dropout=dropout)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_index):
         super().__init__()

@@ -32,6 +32,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_device_flags(parser):
+    """--device and --dtype, which every script that runs the model takes (setup_runtime's arguments)."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto: cuda, then mps, then cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="autocast dtype; auto: bfloat16 where the device runs it faster than float32, float16 "
+                        "on older GPUs")
+
+
 def print_error(error):
     """`error: ...` on stderr, from rank 0 only: under torchrun every rank fails alike, and one line is enough."""
     if os.environ.get("RANK", "0") == "0":

@@ -21,7 +21,7 @@ import torch
 from checkpoint import load_model
 from data import EOT_TOKEN, alpaca_prompt, get_tokenizer
 from model import GPT
-from runtime import OneLineParser, UserError, print_error, setup_runtime
+from runtime import OneLineParser, UserError, add_device_flags, print_error, setup_runtime
 
 
 def build_parser():
@@ -42,9 +42,7 @@ def build_parser():
       "probability (nucleus sampling; 1: all)")
     a("--num_samples", type=int, default=1, help="samples to draw, one after the other")
     a("--seed", type=int, default=1337, help="seeds the sampling: the same seed gives the same samples")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype, as in "
-      "train.py")
+    add_device_flags(p)
     return p
 
 

@@ -24,9 +24,9 @@ import torch
 from checkpoint import CHECKPOINT, METRICS, MetricsLog, load_checkpoint, load_model, save_checkpoint
 from data import EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, Loader, accumulation_steps, get_tokenizer
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
-from model import GPT, PRESETS, GPTConfig
-from runtime import (OneLineParser, Runtime, Throughput, UserError, build_training, optimizer_step, print_error,
-                     setup_runtime, shutdown)
+from model import GPT, PRESETS, GPTConfig, preset_config
+from runtime import (OneLineParser, Runtime, Throughput, UserError, add_device_flags, build_training, optimizer_step,
+                     print_error, setup_runtime, shutdown)
 
 DEFAULT_MODEL = "gpt2-micro"
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
@@ -60,9 +60,7 @@ def build_parser():
     a("--beta1", type=float, default=0.9, help="AdamW beta1")
     a("--beta2", type=float, default=0.95, help="AdamW beta2")
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-      help="autocast dtype; auto: bfloat16 where the device runs it faster than float32, float16 on older GPUs")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    add_device_flags(p)
     a("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
     a("--seed", type=int, default=1337, help="seeds the initialisation, the batches and dropout")
     a("--out_dir", default="out", help="where ckpt.pt and metrics.jsonl go")
@@ -102,10 +100,8 @@ def model_config(args):
     """The preset's shape, with --n_layer, --n_head and --n_embd where given."""
     if args.model not in PRESETS:
         raise UserError(f"unknown --model {args.model!r}: choose one of {', '.join(PRESETS)}")
-    shape = {**PRESETS[args.model], **{k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd")
-                                        if getattr(args, k) is not None}}
     try:
-        return GPTConfig(**shape, dropout=args.dropout)
+        return preset_config(args.model, args.dropout, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     except ValueError as e:
         raise UserError(f"model shape: {e}")
 
