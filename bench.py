@@ -11,18 +11,21 @@ Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from
 batches from data.py's loaders, as in train.py. After --warmup steps, times --steps optimizer steps: each micro-step's
 forward and backward (gradients synced on the last), then clipping and the AdamW step. Reports tokens/s, ms/step,
 MFU and peak memory. MFU is against Runtime.peak_flops: the data sheet's bf16/fp16 peak for known GPUs, otherwise a
-large matmul timed on the spot in the run's dtype.
+large matmul timed on the spot in the run's dtype. Peak memory is the most the tensors held during one more step
+(runtime.peak_memory_bytes: CUDA's allocator on a GPU, the profiler on a CPU), model and optimizer included.
 Decoding: greedy tokens/s of a batch of one from random weights of the model's shape (or --init_from), with and
-without the KV cache, and of transformers' generate on the same weights when transformers is installed.
+without the KV cache, and of transformers' generate on the same weights when transformers is installed; then
+whether the three decode the same tokens, in full fp32 (where a tie between two logits cannot flip).
 Both print a table, then one JSON line with every figure. The options are train.py's that decide what a step
 computes (shape, batch, dtype, device, compile, data); the schedule and the optimizer's settings don't change its
 speed and are fixed here.
 """
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -33,8 +36,8 @@ import hf
 from checkpoint import load_model
 from data import LOADERS, DataError, accumulation_steps
 from model import GPT, PRESETS, preset_config
-from runtime import (OneLineParser, UserError, add_device_flags, build_training, optimizer_step, print_error,
-                     setup_runtime, shutdown)
+from runtime import (OneLineParser, UserError, add_device_flags, build_training, optimizer_step, peak_memory_bytes,
+                     print_error, setup_runtime, shutdown)
 
 
 def build_parser():
@@ -62,12 +65,6 @@ def build_parser():
     a("--prompt_tokens", type=int, default=32, help="--sample: prompt length")
     a("--new_tokens", type=int, default=128, help="--sample: tokens generated per run")
     return p
-
-
-def peak_memory_gb(rt):
-    if rt.device_type == "cuda":
-        return torch.cuda.max_memory_allocated(rt.device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # the process's peak RSS (Linux: KiB)
 
 
 def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
@@ -104,22 +101,14 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
         tokens += step_tokens
     loss.item()  # waits for the last step
     seconds = time.perf_counter() - t0
+    peak_memory = peak_memory_bytes(lambda: step(args.warmup + args.steps), rt)  # one more step, untimed
     seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
     peak = max(peak_before, rt.peak_flops())
     mfu = raw_model.flops_per_token(seq_len) * tokens_per_sec / (peak * world_size)
     return {"params": raw_model.num_params(), "batch_size": args.batch_size, "seq_len": seq_len,
             "accum_steps": accum_steps, "processes": world_size, "tokens_per_step": total_batch_size,
             "ms_per_step": seconds_per_step * 1000, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
-            "peak_tflops": peak / 1e12, "peak_memory_gb": peak_memory_gb(rt)}
-
-
-def timed(rt, generate):
-    generate(4)  # warm-up: first calls allocate
-    rt.synchronize()
-    t0 = time.perf_counter()
-    tokens = generate(None)
-    rt.synchronize()
-    return tokens, time.perf_counter() - t0
+            "peak_tflops": peak / 1e12, "peak_memory_gb": peak_memory / 1e9}
 
 
 def bench_decoding(args, rt, cfg):
@@ -127,17 +116,7 @@ def bench_decoding(args, rt, cfg):
     model = (load_model(args.init_from) if args.init_from else GPT(cfg)).to(rt.device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens), device=rt.device)
     n = args.new_tokens
-    results, outputs = {}, {}
-
-    def ours(use_cache):
-        def generate(count):
-            with rt.autocast():
-                return model.generate(prompt, count or n, temperature=0, use_cache=use_cache)[0, prompt.size(1):]
-        return generate
-
-    for name, use_cache in [("kv_cache", True), ("no_cache", False)]:
-        outputs[name], seconds = timed(rt, ours(use_cache))
-        results[f"{name}_tokens_per_sec"] = n / seconds
+    generators = {"kv_cache": ours(model, prompt, n, use_cache=True), "no_cache": ours(model, prompt, n, False)}
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
@@ -147,20 +126,58 @@ def bench_decoding(args, rt, cfg):
         with tempfile.TemporaryDirectory() as directory:
             hf.save_pretrained(model, directory)
             theirs = GPT2LMHeadModel.from_pretrained(directory).to(rt.device).eval()
-
-        def generate(count):
-            with torch.no_grad(), rt.autocast():
-                out = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
-                                      max_new_tokens=count or n, min_new_tokens=count or n, pad_token_id=50256)
-            return out[0, prompt.size(1):]
-
-        outputs["transformers"], seconds = timed(rt, generate)
-        results["transformers_tokens_per_sec"] = n / seconds
-        results["same_tokens_as_transformers"] = torch.equal(outputs["transformers"], outputs["kv_cache"])
-    results["same_tokens_with_and_without_cache"] = torch.equal(outputs["kv_cache"], outputs["no_cache"])
+        generators["transformers"] = transformers_greedy(theirs, prompt, n)
+    results = {}
+    for name, generate in generators.items():
+        results[f"{name}_tokens_per_sec"] = n / timed(rt, lambda count: generate(count, rt))
+    # Do the three decode the same tokens? Greedy decoding follows the largest logit, and in bf16 or TF32 two
+    # near-equal logits (common with random weights) swap with the order of a sum: compared in full fp32 instead.
+    exact_rt = dataclasses.replace(rt, dtype=torch.float32)
+    with exact_matmuls():
+        tokens = {name: generate(None, exact_rt) for name, generate in generators.items()}
+    results["same_tokens_with_and_without_cache"] = torch.equal(tokens["kv_cache"], tokens["no_cache"])
+    if "transformers" in tokens:
+        results["same_tokens_as_transformers"] = torch.equal(tokens["kv_cache"], tokens["transformers"])
     results["params"] = model.num_params()
     results["prompt_tokens"], results["new_tokens"] = args.prompt_tokens, n
     return results
+
+
+def timed(rt, generate):
+    generate(4)  # warm-up: first calls allocate
+    rt.synchronize()
+    t0 = time.perf_counter()
+    generate(None)
+    rt.synchronize()
+    return time.perf_counter() - t0
+
+
+def ours(model, prompt, n, use_cache):
+    """generate(count, rt): count (None: n) greedy tokens after prompt, in rt's autocast."""
+    def generate(count, rt):
+        with rt.autocast():
+            return model.generate(prompt, count or n, temperature=0, use_cache=use_cache)[0, prompt.size(1):]
+    return generate
+
+
+def transformers_greedy(theirs, prompt, n):
+    def generate(count, rt):
+        with torch.no_grad(), rt.autocast():
+            out = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
+                                  max_new_tokens=count or n, min_new_tokens=count or n, pad_token_id=50256)
+        return out[0, prompt.size(1):]
+    return generate
+
+
+@contextlib.contextmanager
+def exact_matmuls():
+    """fp32 matmuls in full fp32 on GPUs (TF32 off: setup_runtime turns it on), for the time of the block."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def main(argv=None):

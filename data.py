@@ -67,6 +67,7 @@ def load_text_tokens(path):
     """All of the file's tokens, as uint16 (GPT-2's ids fit). Tokenizing is the slow part, so the result is cached
     beside the file in PATH.tokens.npz, keyed by the text's SHA-256: an edited file is tokenized anew. The cache is
     written to a temporary file and renamed into place, so a run killed mid-write never leaves half a cache."""
+    check_text_fits_in_memory(path)
     raw, text = read_text(path)
     if looks_like_alpaca(text):
         raise DataError(f"{path} holds Alpaca instruction records (JSON with an \"instruction\" key), not plain text: "
@@ -90,6 +91,35 @@ def load_text_tokens(path):
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
     return tokens
+
+
+# Tokenizing holds the file's bytes, its text and a Python int per token (about 0.25 a byte, 36 bytes each).
+TOKENIZING_BYTES_PER_TEXT_BYTE = 12
+
+
+def check_text_fits_in_memory(path):
+    """Text mode is for corpora that fit in memory many times over: every process of the job reads and tokenizes
+    the whole file on one thread. A file that would take more than half of the machine's memory, in all its
+    processes at once, is refused with the way that scales (prepare.py's shards) instead of running out of memory."""
+    memory = physical_memory_bytes()
+    if memory is None or not os.path.isfile(path):
+        return  # no way to tell here; a missing file is read_text's to report
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    size = os.path.getsize(path)
+    needed = size * TOKENIZING_BYTES_PER_TEXT_BYTE * processes
+    if needed > memory / 2:
+        raise DataError(f"{path} is {size / 1e9:.1f} GB: too big for text mode, which tokenizes all of it in each of "
+                        f"the {processes} process(es) here ({needed / 1e9:.0f} GB in all, over half of this machine's "
+                        f"{memory / 1e9:.0f} GB); write token shards once with `python prepare.py {path} --out_dir "
+                        f"DIR` and train with --dataset_type shards --dataset_path DIR")
+
+
+def physical_memory_bytes():
+    """This machine's memory, or None where the operating system doesn't say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def batch_rows(micro_step, rank, batch_size, world_size):

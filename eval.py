@@ -103,7 +103,7 @@ def main(argv=None):
             results.update({f"{args.split}_{name}": value for name, value in split.items()})
             results["dataset"] = f"{args.dataset_type}:{args.dataset_path}"
         if args.hellaswag_path:
-            items = load_hellaswag(args.hellaswag_path)[: args.hellaswag_limit]
+            items = load_hellaswag(args.hellaswag_path, rt)[: args.hellaswag_limit]
             scores = hellaswag_accuracy(model, items, rt)
             results.update({"hellaswag_items": len(items), **{f"hellaswag_{k}": v for k, v in scores.items()}})
     except (UserError, DataError) as e:

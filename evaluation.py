@@ -62,12 +62,13 @@ def sum_dtype(rt):
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
 
-def load_hellaswag(path):
+def load_hellaswag(path, rt):
     """HellaSwag items from its JSONL (rowanz/hellaswag's hellaswag_val.jsonl: "ctx", "endings", "label"), as
     (context tokens, [tokens of each ending], label). Each ending is scored as a completion of the context,
-    the way GPT-2 reproductions do it: " " + ending after the context."""
+    the way GPT-2 reproductions do it: " " + ending after the context. path "download": fetched once (every rank
+    calls this)."""
     if path == "download":
-        path = download_hellaswag()
+        path = download_hellaswag(rt)
     tokenizer, items = get_tokenizer(), []
     try:
         with open(path, encoding="utf-8") as f:
@@ -92,48 +93,81 @@ def load_hellaswag(path):
     return items
 
 
-def download_hellaswag():
-    """HellaSwag's validation set, fetched once into ~/.cache/gpt2-train."""
-    import urllib.request
-
+def download_hellaswag(rt):
+    """HellaSwag's validation set, fetched once into ~/.cache/gpt2-train: by the first process of each node while
+    the others wait (a node's processes share the cache; nodes may not), then read by all. Returns its path."""
     path = os.path.join(os.path.expanduser("~"), ".cache", "gpt2-train", "hellaswag_val.jsonl")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    error = None
+    if rt.local_rank == 0 and not os.path.exists(path):
         try:
-            with urllib.request.urlopen(HELLASWAG_URL, timeout=30) as response:
-                data = response.read()
-        except OSError as e:
-            raise DataError(f"cannot download HellaSwag from {HELLASWAG_URL} ({e}): offline? Download "
-                            f"hellaswag_val.jsonl elsewhere and pass its path")
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)
+            fetch(HELLASWAG_URL, path)
+        except DataError as e:
+            error = e
+    if rt.any_rank(error is not None):  # also the wait: every rank passes here once the downloads are done
+        raise error or DataError("HellaSwag's download failed on another node (its log says why)")
     return path
 
 
+def fetch(url, path):
+    """url's content into path: written under a name of this process's own and renamed, so that another job
+    fetching it at the same time (two nodes sharing a home directory) never sees half a file."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data = response.read()
+    except OSError as e:
+        raise DataError(f"cannot download HellaSwag from {url} ({e}): offline? Download hellaswag_val.jsonl "
+                        f"elsewhere and pass its path")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    with open(tmp_path, "wb") as f:
+        f.write(data)
+    os.replace(tmp_path, path)
+
+
 @torch.no_grad()
-def hellaswag_accuracy(model, items, rt):
+def hellaswag_accuracy(model, items, rt, items_per_forward=16):
     """HellaSwag as GPT-2 reproductions score it: each ending's tokens are scored by their loss after the context;
     acc picks the ending with the lowest total loss, acc_norm the lowest loss per token (so long endings are not
-    penalised for their length). Each rank scores its share of the items."""
+    penalised for their length). Each rank scores its share of the items, items_per_forward of them (all their
+    endings, a row each) per forward pass; the counts stay on the device until the end: one wait for it in all."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, device=rt.device, dtype=sum_dtype(rt))  # items, right by acc, right by acc_norm
-    context_size = model.config.block_size + 1  # x and y of the longest row the model takes
-    for context, endings, label in items[rt.rank :: rt.world_size]:
-        rows = [(context + ending)[-context_size:] for ending in endings]  # too long: drop the context's start
-        x = torch.full((len(rows), max(map(len, rows)) - 1), EOT_TOKEN, dtype=torch.long)
-        y = torch.full_like(x, IGNORE_INDEX)
-        for i, (row, ending) in enumerate(zip(rows, endings)):
-            x[i, : len(row) - 1] = torch.tensor(row[:-1])
-            y[i, len(row) - 1 - len(ending) : len(row) - 1] = torch.tensor(ending)
-        x, y = rt.to_device((x, y))
+    mine = items[rt.rank :: rt.world_size]
+    for start in range(0, len(mine), items_per_forward):
+        x, y, item, ending, lengths, labels = rt.to_device(hellaswag_batch(mine[start : start + items_per_forward],
+                                                                          model.config.block_size))
         with rt.autocast():
-            _, nats = model(x, y, loss_reduction="none")  # (endings, T): each ending's tokens' losses
-        nats = nats.sum(1)
-        lengths = torch.tensor([len(ending) for ending in endings], device=rt.device)
-        counts += torch.tensor([1, nats.argmin().item() == label, (nats / lengths).argmin().item() == label],
-                               device=rt.device, dtype=counts.dtype)
+            _, nats = model(x, y, loss_reduction="none")  # (rows, T): each ending's tokens' losses
+        total = torch.full((len(labels), int(ending.max()) + 1), float("inf"), device=rt.device)  # (items, endings)
+        per_token = total.clone()
+        total[item, ending] = nats.sum(1)
+        per_token[item, ending] = nats.sum(1) / lengths
+        counts += torch.stack([torch.tensor(len(labels), device=rt.device), (total.argmin(1) == labels).sum(),
+                               (per_token.argmin(1) == labels).sum()]).to(counts.dtype)
     model.train(was_training)
     n, right, right_norm = rt.all_reduce_sum(counts).tolist()
     return {"acc": right / n, "acc_norm": right_norm / n}
+
+
+def hellaswag_batch(items, block_size):
+    """The rows of some HellaSwag items, one per ending: x, y (rows, longest row - 1), y IGNORE_INDEX except on the
+    ending's tokens; then each row's item (index in items) and ending (index in the item), the number of tokens
+    scored, and each item's label. A row too long for the model loses the start of its context."""
+    rows, item, ending, lengths = [], [], [], []
+    for i, (context, endings, _) in enumerate(items):
+        for j, tokens in enumerate(endings):
+            row = (context + tokens)[-(block_size + 1) :]
+            rows.append(row)
+            item.append(i)
+            ending.append(j)
+            lengths.append(min(len(tokens), len(row) - 1))
+    x = torch.full((len(rows), max(map(len, rows)) - 1), EOT_TOKEN, dtype=torch.long)
+    y = torch.full_like(x, IGNORE_INDEX)
+    for r, (row, n) in enumerate(zip(rows, lengths)):
+        x[r, : len(row) - 1] = torch.tensor(row[:-1])
+        y[r, len(row) - 1 - n : len(row) - 1] = torch.tensor(row[len(row) - n :])
+    labels = [label for _, _, label in items]
+    return x, y, *(torch.tensor(values) for values in (item, ending, lengths, labels))

@@ -100,7 +100,7 @@ class CrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets):
         labelled = targets != IGNORE_INDEX
         safe_targets = targets.masked_fill(~labelled, 0)[:, None]
-        probs = torch.softmax(logits, dim=-1)
+        probs = softmax_float32(logits)
         target_probs = probs.gather(1, safe_targets).squeeze(1).clamp_min(torch.finfo(probs.dtype).tiny)
         ctx.save_for_backward(probs, safe_targets, labelled)
         return -(target_probs.log() * labelled)
@@ -111,6 +111,21 @@ class CrossEntropy(torch.autograd.Function):
         # the softmax is not needed again: it becomes the gradient in place (so backward runs once per forward)
         grad = probs.scatter_add_(1, safe_targets, -labelled[:, None].to(probs.dtype))
         return grad.mul_((grad_nats * labelled)[:, None].to(grad.dtype)), None
+
+
+def softmax_float32(logits):
+    """softmax(logits, dim=-1) in float32, (rows, vocab) -> (rows, vocab). Under autocast the logits are bf16/fp16,
+    and a float32 copy of all of them (logits.float(): 13 GB at 64 x 1024 tokens of GPT-2's vocabulary) would sit
+    next to the float32 softmax; here a block of rows at a time is converted, into the softmax's own memory. Small
+    blocks on a CPU stay in its cache (faster than one pass); large ones on a GPU keep the kernel launches few."""
+    if logits.dtype == torch.float32:
+        return torch.softmax(logits, dim=-1)
+    probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    block_elements = 2**20 if logits.device.type == "cpu" else 2**25
+    rows = max(1, block_elements // logits.size(-1))
+    for start in range(0, logits.size(0), rows):
+        torch.softmax(logits[start : start + rows].float(), dim=-1, out=probs[start : start + rows])
+    return probs
 
 
 def cross_entropy(logits, targets, reduction="mean"):
@@ -224,9 +239,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.output_layer(x[:, [-1], :]), None
-        logits = self.output_layer(x)
-        # float() so the softmax is in fp32 even under autocast
-        loss = cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T), loss_reduction)
+        logits = self.output_layer(x)  # under autocast in bf16/fp16; the loss takes their softmax in fp32
+        loss = cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), loss_reduction)
         return logits, loss.view(B, T) if loss_reduction == "none" else loss
 
     def output_layer(self, x):

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import gc
 import os
 import sys
@@ -55,7 +56,6 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    host_group: object = None  # a gloo process group for small host-side values (see any_rank)
 
     @property
     def ddp(self):
@@ -92,12 +92,12 @@ class Runtime:
         return self.all_reduce_sum(t) / self.world_size  # gloo has no AVG: sum, then divide
 
     def any_rank(self, flag):
-        """Whether flag is true on any rank: how the ranks agree to stop at the same step. A CPU tensor over the
-        gloo group, because a GPU tensor would make the host wait for the step's kernels."""
+        """Whether flag is true on any rank: how the ranks agree to stop at the same step. A CPU tensor, which
+        goes over gloo: a GPU tensor would make the host wait for the step's kernels."""
         if not self.ddp:
             return bool(flag)
         t = torch.tensor([int(bool(flag))], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
     def require_grad_sync(self, model, sync):
@@ -115,11 +115,38 @@ class Runtime:
     def peak_flops(self):
         """The device's peak FLOP/s in the run's dtype: MFU's denominator."""
         if self.device_type == "cuda" and self.dtype != torch.float32:
-            name = torch.cuda.get_device_name(self.device)
-            for key, flops in GPU_PEAK_FLOPS:
-                if key in name:
-                    return flops
+            flops = gpu_peak_flops(torch.cuda.get_device_name(self.device))
+            if flops:
+                return flops
         return measured_matmul_flops(self)
+
+
+# How long a process waits for the others (a collective, or connecting at the start) before it fails instead of
+# hanging: long enough for rank 0 to write gpt2-xl's checkpoint while the others wait at the next step.
+DIST_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def join_job():
+    """Under torchrun (RANK is set): join the job's process group, once, bound to this process's GPU if there are
+    GPUs. setup_runtime does it; train.py does it earlier, before reading a checkpoint that some nodes may not see,
+    so that every rank fails alike instead of some waiting forever for the others."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return
+    # gloo moves CPU tensors (the stop flag, CPU training); NCCL moves CUDA tensors (the gradients) GPU to GPU
+    backend = "gloo"
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % gpus)
+        if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])) <= gpus:
+            backend = "cpu:gloo,cuda:nccl"
+        # else processes share a GPU (testing the multi-process logic on one GPU): NCCL refuses that, gloo copes
+    try:
+        dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
+    except Exception as e:  # DistNetworkError, DistBackendError, RuntimeError: whatever the transport raises
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"process {os.environ['RANK']} could not connect to the job's other processes ({reason}); "
+                        f"on several nodes, set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to the network interface "
+                        f"that joins them (README.md, several nodes)")
 
 
 def setup_runtime(device="auto", dtype="auto"):
@@ -134,26 +161,38 @@ def setup_runtime(device="auto", dtype="auto"):
     if device == "cpu":
         keep_freed_memory()
     if "RANK" in os.environ:  # launched by torchrun
+        join_job()
         rt.rank, rt.local_rank, rt.world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        if device == "cuda":
-            rt.device = f"cuda:{rt.local_rank}"
-            torch.cuda.set_device(rt.device)
-        # NCCL moves gradients GPU to GPU; gloo is the backend that works for CPU tensors
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-        rt.host_group = dist.new_group(backend="gloo") if device == "cuda" else dist.group.WORLD
     if device == "cuda":
+        rt.device = f"cuda:{torch.cuda.current_device()}"  # join_job's choice under torchrun
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    if dtype == "auto":
-        if device == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        elif device == "cpu":
-            # ranks time it separately: they agree on bf16 only if all of them found it faster
-            dtype = "float32" if rt.any_rank(not cpu_bf16_is_faster()) else "bfloat16"
-        else:
-            dtype = "float32"
-    rt.dtype = getattr(torch, dtype)
+    rt.dtype = getattr(torch, auto_dtype(rt) if dtype == "auto" else dtype)
     return rt
+
+
+def auto_dtype(rt):
+    """--dtype auto: the fastest dtype the device runs natively."""
+    if rt.device_type == "cuda":
+        # native bf16 only (Ampere and later): V100s and T4s emulate it slowly, and do better in fp16 with a scaler
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+    if rt.device_type == "cpu":
+        # ranks time it separately: they agree on bf16 only if all of them found it faster
+        return "float32" if rt.any_rank(not cpu_bf16_is_faster()) else "bfloat16"
+    return "float32"
+
+
+def agrees_with_rank0(values):
+    """Whether these few integers are the same on every rank as on rank 0 (True outside torchrun): e.g. whether
+    every node sees the file rank 0 sees. A collective: every rank calls it."""
+    if not dist.is_initialized():
+        return True
+    mine = torch.tensor(values, dtype=torch.int64)
+    rank0 = mine.clone()
+    dist.broadcast(rank0, src=0)  # CPU tensors: over gloo
+    differs = torch.tensor([int(not torch.equal(mine, rank0))], dtype=torch.int32)
+    dist.all_reduce(differs, op=dist.ReduceOp.MAX)
+    return not differs.item()
 
 
 def shutdown():
@@ -165,25 +204,48 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def build_training(model, rt, *, weight_decay, lr, betas, compile=False, state=None):
+def build_training(model, rt, *, weight_decay, lr, betas, compile=False, state=None, reduce_dtype="float32"):
     """What a training step needs, built in the one order that works: the model on the device, its optimizer (built
     on the device's parameters) and GradScaler, their states restored from a checkpoint's `state` when given, then
-    the model compiled if asked and wrapped in DDP under torchrun. Returns (step_model, optimizer, scaler):
-    step_model is what the step calls; `model` itself, unwrapped, is what checkpoints save and samples use.
-    train.py and bench.py both build through here."""
+    the model compiled if asked and wrapped in DDP under torchrun (gradients all-reduced in reduce_dtype). Returns
+    (step_model, optimizer, scaler): step_model is what the step calls; `model` itself, unwrapped, is what
+    checkpoints save and samples use. train.py and bench.py both build through here."""
     model.to(rt.device)
     optimizer = model.configure_optimizer(weight_decay, lr, betas)
     scaler = rt.grad_scaler()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        restore_grad_scaler(scaler, state.get("scaler") or {}, rt)
     step_model = torch.compile(model) if compile else model
     if rt.ddp:
         # gradients live in DDP's communication buckets: no copy between the two, less memory
-        step_model = DDP(step_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
+        step_model = DDP(step_model, device_ids=[torch.device(rt.device)] if rt.device_type == "cuda" else None,
                          gradient_as_bucket_view=True)
+        if reduce_dtype == "bfloat16":
+            step_model.register_comm_hook(None, bf16_gradient_hook)
     return step_model, optimizer, scaler
+
+
+def bf16_gradient_hook(process_group, bucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's all-reduce of a bucket of gradients in bf16: half the bytes on the wire. Each rank's gradients are
+    rounded to bf16 and divided by the number of ranks, summed in bf16, and copied back into the fp32 gradients (the
+    optimizer and its state stay fp32). PyTorch's own bf16_compress_hook, called from a hook of another name: DDP
+    accepts that name only with NCCL, and the hook works as well on gloo."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+    return bf16_compress_hook(process_group, bucket)
+
+
+def restore_grad_scaler(scaler, saved, rt):
+    """The GradScaler's saved state, where it applies: a run may resume in another dtype (--dtype auto on another
+    GPU, or --dtype given anew). Into fp16 from bf16/fp32 (no saved scale), the loss scale starts afresh, as at the
+    start of a run, and finds its level within a few steps; out of fp16, the scale is not needed."""
+    if scaler.is_enabled() and not saved:
+        if rt.master:
+            print("--resume: the checkpoint was trained without fp16's loss scaling; it starts afresh", file=sys.stderr)
+        return
+    scaler.load_state_dict(saved)  # a disabled scaler ignores it
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
@@ -194,7 +256,9 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    # Under DDP the gradients are views into its communication buckets (gradient_as_bucket_view): zeroed in place
+    # they stay there; set to None, the next backward would allocate new ones beside the buckets, every step.
+    optimizer.zero_grad(set_to_none=not isinstance(model, DDP))
     return grad_norm
 
 
@@ -233,12 +297,18 @@ def keep_freed_memory():
         pass
 
 
-# Dense bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets, matched against the name CUDA reports
-# (in this order: "H100 PCIe" before "H100"). MFU is measured against these; other devices and dtypes get a peak
-# measured on the spot.
-GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                  ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
-                  ("V100", 125e12), ("T4", 65e12)]
+# Dense bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets, by the words of the model's name as
+# CUDA reports it ("NVIDIA A100-SXM4-80GB": NVIDIA, A100, SXM4, 80GB), first match first: whole words, so an L40
+# is not taken for an L4. MFU is measured against these; other devices and dtypes get a peak measured on the spot.
+GPU_PEAK_FLOPS = {("H100", "PCIe"): 756e12, ("H100", "NVL"): 835e12, ("H100",): 989e12, ("H200",): 989e12,
+                  ("A100",): 312e12, ("L40S",): 362e12, ("L40",): 181e12, ("L4",): 121e12, ("RTX", "4090"): 165e12,
+                  ("RTX", "3090"): 71e12, ("V100",): 125e12, ("T4",): 65e12}
+
+
+def gpu_peak_flops(name):
+    """The data sheet's peak of the GPU called `name`, or None for a GPU not in GPU_PEAK_FLOPS."""
+    words = set(name.replace("-", " ").split())
+    return next((flops for model, flops in GPU_PEAK_FLOPS.items() if words.issuperset(model)), None)
 
 
 def measured_matmul_flops(rt):
@@ -258,6 +328,46 @@ def measured_matmul_flops(rt):
         if best > 0.05 or n >= largest:
             return 2 * n**3 / best
         n *= 2
+
+
+def peak_memory_bytes(fn, rt):
+    """fn() run once, and the most memory that tensors held at any moment of it: what sizes a batch to a device.
+    On a GPU, CUDA's allocator counts every tensor; on a CPU, PyTorch's profiler counts those fn allocates or uses
+    (a training step uses the weights, gradients and optimizer state; slow, so for one step). Not the process's
+    resident memory, which also holds the Python runtime, the libraries, and freed memory kept for reuse."""
+    if rt.device_type == "cuda":
+        rt.synchronize()
+        torch.cuda.reset_peak_memory_stats(rt.device)
+        fn()
+        rt.synchronize()
+        return torch.cuda.max_memory_allocated(rt.device)
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
+    with native_stderr_silenced():  # some builds print a line as the profiler starts and stops
+        profiler.start()
+    try:
+        fn()
+    finally:
+        with native_stderr_silenced():
+            profiler.stop()
+    _, sizes = MemoryProfileTimeline(profiler._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    return max(sum(by_category) for by_category in sizes)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """What C++ code writes to stderr (file descriptor 2) in the block goes nowhere."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class Throughput:

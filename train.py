@@ -25,8 +25,8 @@ from checkpoint import CHECKPOINT, METRICS, MetricsLog, load_checkpoint, load_mo
 from data import EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, Loader, accumulation_steps, get_tokenizer
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
 from model import GPT, PRESETS, GPTConfig, preset_config
-from runtime import (OneLineParser, Runtime, Throughput, UserError, add_device_flags, build_training, optimizer_step,
-                     print_error, setup_runtime, shutdown)
+from runtime import (OneLineParser, Runtime, Throughput, UserError, add_device_flags, agrees_with_rank0, build_training,
+                     join_job, optimizer_step, print_error, setup_runtime, shutdown)
 
 DEFAULT_MODEL = "gpt2-micro"
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
@@ -62,6 +62,9 @@ def build_parser():
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     add_device_flags(p)
     a("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
+    a("--reduce_dtype", default="float32", choices=["float32", "bfloat16"], help="under torchrun, the dtype in which "
+      "gradients are all-reduced between processes: bfloat16 halves the traffic (for jobs whose network is the "
+      "bottleneck), at some precision")
     a("--seed", type=int, default=1337, help="seeds the initialisation, the batches and dropout")
     a("--out_dir", default="out", help="where ckpt.pt and metrics.jsonl go")
     a("--log_interval", type=int, default=10, help="log every this many steps")
@@ -133,14 +136,24 @@ def explicit_flags(parser, argv):
 
 
 # Options that may change when resuming: they decide how long and how the run goes on, not what it computes.
-RESUMABLE_OVERRIDES = {"max_steps", "device", "compile", "log_interval", "eval_interval", "eval_steps",
-                       "save_interval", "sample_tokens", "out_dir", "resume", "overwrite", "hellaswag_path",
-                       "hellaswag_interval"}
+# The device, the dtype and the gradient traffic are the machine's: a run may move to another.
+RESUMABLE_OVERRIDES = {"max_steps", "device", "dtype", "compile", "reduce_dtype", "log_interval", "eval_interval",
+                       "eval_steps", "save_interval", "sample_tokens", "out_dir", "resume", "overwrite",
+                       "hellaswag_path", "hellaswag_interval"}
 
 
 def prepare_resume(args, given):
     """The checkpoint in --out_dir and the run's saved config, with the options of RESUMABLE_OVERRIDES given now."""
-    ckpt = load_checkpoint(os.path.join(args.out_dir, CHECKPOINT))
+    path = os.path.join(args.out_dir, CHECKPOINT)
+    # Only rank 0 writes the checkpoint, and every rank reads it: on several nodes, --out_dir must be a directory
+    # they share (or hold the same copy). Checked by size and modification time, before anyone reads it.
+    stat = os.stat(path) if os.path.isfile(path) else None
+    if not agrees_with_rank0([stat.st_size, stat.st_mtime_ns] if stat else [-1, -1]):
+        raise UserError(f"--resume: {path} is not the same file on every node as on rank 0's (missing, or another "
+                        f"copy): put --out_dir on a filesystem all the nodes share, or copy it to every node at the "
+                        f"same path keeping its time (cp -p, rsync -t)")
+    # memory-mapped: the ranks of a node share one copy of the file in the page cache instead of a copy each
+    ckpt = load_checkpoint(path, mmap=True)
     # options added since the checkpoint was written take their defaults
     saved = argparse.Namespace(**{**vars(build_parser().parse_args([])), **ckpt["config"]})
     saved_shape = {k: ckpt["model_config"][k] for k in MODEL_SHAPE}
@@ -222,6 +235,7 @@ class Run:
 def setup(args, given):
     """Options, then the runtime, the data, the model and its optimizer (restored on --resume), then the out_dir.
     Every check that can fail comes before anything is written."""
+    join_job()  # under torchrun, first: a rank that fails must not leave the others waiting for it
     ckpt = None
     if args.resume:
         args, ckpt = prepare_resume(args, given)
@@ -248,12 +262,13 @@ def setup(args, given):
         print(f"{args.dataset_path}: {loader.n_records} records -> {len(loader.splits['train'])} train, "
               f"{len(loader.splits['val'])} val examples; {loader.n_truncated} responses cut to --seq_len "
               f"{args.seq_len}, {loader.n_dropped} dropped (prompt longer than --seq_len)")
-    hellaswag_items = load_hellaswag(args.hellaswag_path) if args.hellaswag_path else None
+    hellaswag_items = load_hellaswag(args.hellaswag_path, rt) if args.hellaswag_path else None
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     raw_model = init_model or GPT(cfg)
     model, optimizer, scaler = build_training(raw_model, rt, weight_decay=args.weight_decay, lr=args.max_lr,
-                                              betas=(args.beta1, args.beta2), compile=args.compile, state=ckpt)
+                                              betas=(args.beta1, args.beta2), compile=args.compile, state=ckpt,
+                                              reduce_dtype=args.reduce_dtype)
     start_step = ckpt["step"] if ckpt is not None else 0
     del ckpt, init_model  # the loaded tensors are in the model and optimizer now
 
@@ -284,12 +299,14 @@ def train(run):
                                                          run.accum_steps, rt, args)
             speed.count(tokens)
 
-            # ---- what this step is due for; a signal may reach the ranks at different steps: they stop together
+            # ---- what this step is due for; a signal may reach the ranks at different steps: they stop together.
+            # After a signal only the checkpoint: under torchrun the processes are killed a set time after the
+            # signal (README.md, stopping), and a long evaluation would leave too little of it for the save.
             stop = stop_signal.requested()
             last = step == args.max_steps
-            do_eval = step % args.eval_interval == 0 or last
+            do_eval = (step % args.eval_interval == 0 or last) and not stop
             do_save = step % args.save_interval == 0 or last or stop
-            do_hellaswag = run.hellaswag_items and (step % args.hellaswag_interval == 0 or last)
+            do_hellaswag = run.hellaswag_items and (step % args.hellaswag_interval == 0 or last) and not stop
             if not (step % args.log_interval == 0 or do_eval or do_save or do_hellaswag):
                 continue  # reading the loss back waits for the device: only on steps that log, evaluate or save
 
@@ -319,7 +336,7 @@ def train(run):
             # ---- checkpoint
             if do_save and rt.master:
                 save_checkpoint(run.ckpt_path, run.raw_model, run.optimizer, run.scaler, step, args)
-            if stop and not last:
+            if stop:
                 if rt.master:
                     print(f"stopped by signal at step {step}; checkpoint saved: continue with --resume", flush=True)
                 raise StopRequested(stop_signal.signum)
@@ -346,7 +363,7 @@ def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
         x, y = rt.to_device(loader.get_batch("train", step - 1, micro_step))  # (batch_size, seq_len) each
         rt.require_grad_sync(model, micro_step == accum_steps - 1)  # DDP: all-reduce on the last micro-step only
         with rt.autocast():
-            _, loss = model(x, y)
+            loss = model(x, y)[1]  # the logits are not kept: they would live on through the next forward
         loss = loss * ((y != IGNORE_INDEX).sum() * rt.world_size / labels_in_step)
         loss_sum += loss.detach()
         scaler.scale(loss).backward()

@@ -360,3 +360,13 @@ def test_gsm8k_in_alpaca_format_loads_and_batches():
     assert len(loader.splits["val"]) == int(n * 0.05) and len(loader.splits["train"]) + len(loader.splits["val"]) == n
     x, y = loader.get_batch("train", 0, 1)
     assert x.shape[0] == 8 and x.shape[1] <= 256 and (y != -100).sum() > 0
+
+
+def test_a_text_too_big_for_memory_in_every_process_points_to_prepare_py(small_text, monkeypatch):
+    size = os.path.getsize(small_text)
+    # a machine with the memory for one process's tokenizing, but not for eight
+    monkeypatch.setattr(data, "physical_memory_bytes", lambda: size * data.TOKENIZING_BYTES_PER_TEXT_BYTE * 2 * 4)
+    assert len(load_text_tokens(small_text)) > 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(DataError, match=r"too big for text mode.*8 process.*prepare\.py .* --dataset_type shards"):
+        load_text_tokens(small_text)

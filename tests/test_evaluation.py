@@ -1,13 +1,15 @@
 import json
+import random
 
 import torch
 import torch.nn as nn
 import pytest
 
 from data import EOT_TOKEN, DataError, get_tokenizer
+import evaluation
 from evaluation import hellaswag_accuracy, load_hellaswag, token_byte_lengths
-from model import GPTConfig
-from runtime import setup_runtime
+from model import GPT, GPTConfig
+from runtime import Runtime, setup_runtime
 
 
 def test_endoftext_has_no_bytes_and_other_tokens_their_text_s():
@@ -49,4 +51,39 @@ def test_acc_norm_divides_an_ending_s_loss_by_its_length():
 def test_a_bad_hellaswag_file_is_one_line(tmp_path, line, message):
     (tmp_path / "hs.jsonl").write_text(line)
     with pytest.raises(DataError, match=message):
-        load_hellaswag(str(tmp_path / "hs.jsonl"))
+        load_hellaswag(str(tmp_path / "hs.jsonl"), setup_runtime("cpu", "float32"))
+
+
+def test_batched_hellaswag_scores_each_item_as_a_forward_pass_of_its_own_would():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
+    rng = random.Random(0)
+    items = [([rng.randrange(50257) for _ in range(rng.randrange(1, 40))],  # some contexts longer than the model's
+              [[rng.randrange(50257) for _ in range(rng.randrange(1, 6))] for _ in range(rng.choice([2, 4]))],
+              rng.randrange(2)) for _ in range(23)]
+
+    def alone(context, ending):  # the ending's total loss, in a forward pass of its own row
+        row = (context + ending)[-33:]
+        x, y = torch.tensor([row[:-1]]), torch.tensor([[-100] * (len(row) - 1 - len(ending)) + ending])
+        return model(x, y, loss_reduction="none")[1].sum().item()
+
+    expected = {"acc": 0, "acc_norm": 0}
+    for context, endings, label in items:
+        losses = [alone(context, ending) for ending in endings]
+        expected["acc"] += min(range(len(endings)), key=lambda i: losses[i]) == label
+        expected["acc_norm"] += min(range(len(endings)), key=lambda i: losses[i] / len(endings[i])) == label
+    expected = {name: right / len(items) for name, right in expected.items()}
+    assert 0 < expected["acc"] < 1
+    rt = setup_runtime("cpu", "float32")
+    for items_per_forward in (1, 5, 64):
+        assert hellaswag_accuracy(model, items, rt, items_per_forward) == expected
+
+
+def test_hellaswag_is_downloaded_by_the_first_process_of_a_node_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fetched = []
+    monkeypatch.setattr(evaluation, "fetch", lambda url, path: fetched.append(path))
+    path = evaluation.download_hellaswag(Runtime("cpu", "cpu", torch.float32, rank=1, local_rank=1))
+    assert fetched == []  # the others wait (any_rank), then read what it wrote
+    assert evaluation.download_hellaswag(Runtime("cpu", "cpu", torch.float32, rank=2, local_rank=0)) == path
+    assert fetched == [path]

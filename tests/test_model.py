@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import model as model_module
 from model import GPT, PRESETS, GPTConfig, KVCache, cross_entropy, filter_logits
+from runtime import Runtime, peak_memory_bytes
 
 
 def tiny_config(**overrides):
@@ -251,3 +252,29 @@ def test_the_onednn_output_layer_gives_f_linear_s_values_and_gradients():
     torch.testing.assert_close(ours, plain)
     grads = torch.autograd.grad(ours.square().sum(), (x, weight))
     torch.testing.assert_close(grads, torch.autograd.grad(plain.square().sum(), (x, weight)))
+
+
+def test_the_softmax_of_bf16_logits_is_float32_block_by_block_and_exact():
+    logits = torch.randn(100, 50257).bfloat16()  # 20 rows a block on a CPU: 5 blocks
+    probs = model_module.softmax_float32(logits)
+    assert probs.dtype == torch.float32 and torch.equal(probs, torch.softmax(logits.float(), dim=-1))
+
+
+def test_a_bf16_training_step_keeps_no_float32_copy_of_the_logits():
+    # The logits dominate a small model's memory. Under autocast they are bf16 (2 bytes each), their softmax is
+    # float32 (4), and backward turns it into the float32 gradient in place, then casts that to bf16 (2): 6 bytes a
+    # logit at the peak. A float32 copy of the logits (4 more), or the logits kept alive through backward (2 more),
+    # shows up here.
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=32, block_size=256))
+    x = torch.randint(0, 50257, (2, 256))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, x)[1]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    peak = peak_memory_bytes(step, Runtime("cpu", "cpu", torch.float32))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert (peak - weights) / (x.numel() * model.config.vocab_size) < 7.5

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -352,3 +353,57 @@ def test_the_default_run_trains_on_input_txt_and_val_loss_falls(tmp_path):
     val = [r["val_loss"] for r in read_metrics(tmp_path / "out") if "val_loss" in r]
     assert len(val) >= 2 and val[-1] < val[0] - 0.5 and val == sorted(val, reverse=True)
     assert (tmp_path / "out" / "ckpt.pt").exists() and "-" * 80 in result.stdout
+
+
+@pytest.mark.parametrize("first, then", [("float16", "bfloat16"), ("bfloat16", "float16")])
+def test_a_run_resumes_in_another_dtype(first, then, small_text, tmp_path, capsys):
+    # --dtype auto may land elsewhere on the next machine (bf16 on an A100, fp16 on a V100): the GradScaler's state
+    # exists in fp16 only, and resuming across that line must work
+    run_train(small_text, tmp_path, "--max_steps", "2", "--dtype", first, "--batch_size", "2", "--seq_len", "16")
+    records = run_train(small_text, tmp_path, "--resume", "--max_steps", "4", "--dtype", then)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] < 11 for r in records)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["dtype"] == then
+    assert ("loss scaling" in capsys.readouterr().err) == (then == "float16")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_resume_on_nodes_that_do_not_share_out_dir_is_one_line(small_text, tmp_path):
+    # two "nodes": rank 0 sees the checkpoint in its out_dir, rank 1's disk has none at the same path
+    run_train(small_text, tmp_path / "node0", "--max_steps", "2")
+    procs, port = [], free_port()
+    for rank in (0, 1):  # what torchrun sets on two nodes of one process each
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, "train.py", "--resume", "--out_dir", str(tmp_path / f"node{rank}"), "--max_steps", "4"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True))
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [2, 2]
+    assert errors[0].count("\n") == 1 and "is not the same file on every node" in errors[0]
+    assert "Traceback" not in errors[1]
+    assert not (tmp_path / "node1").exists()
+
+
+def test_under_torchrun_sigterm_saves_before_the_processes_are_killed(small_text, tmp_path):
+    # torchrun passes SIGTERM on to its processes and kills them TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later. The
+    # evaluation due at the signalled step takes longer than that here: the save must not wait for it.
+    micro_steps = 100  # a training step of a second or two: the signal arrives during it
+    flags = [*TINY, "--dataset_path", small_text, "--out_dir", str(tmp_path), "--max_steps", "1000", "--batch_size",
+             "2", "--total_batch_size", str(2 * 32 * 2 * micro_steps), "--eval_interval", "1", "--eval_steps", "40"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="8")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen([*torchrun, "train.py", *flags], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("model "):  # setup is done: the loop starts, with its signal handlers
+            break
+    time.sleep(0.5)  # into the first step, which takes a second or two
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "stopped by signal at step 1; checkpoint saved" in out, err
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
+    assert "val_loss" not in read_metrics(tmp_path)[-1]  # the evaluation was skipped, not run
