@@ -57,6 +57,8 @@ def build_parser():
       "(default: batch_size * seq_len * processes, no gradient accumulation)")
     add_device_flags(p)
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--reduce_dtype", default="float32", choices=["float32", "bfloat16"], help="under torchrun, the dtype in which "
+      "gradients are all-reduced, as in train.py")
     a("--seed", type=int, default=1337, help="seeds the weights and the batches")
     a("--steps", type=int, default=10, help="timed steps")
     a("--warmup", type=int, default=3, help="untimed steps first (allocations, compilation, caches)")
@@ -77,7 +79,7 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
     torch.manual_seed(args.seed)
     raw_model = GPT(cfg)
     model, optimizer, scaler = build_training(raw_model, rt, weight_decay=0.1, lr=1e-4, betas=(0.9, 0.95),
-                                              compile=args.compile)
+                                              compile=args.compile, reduce_dtype=args.reduce_dtype)
     model.train()
 
     def step(number):  # what train.train_step computes, less its bookkeeping (schedule, loss weights, seeding)
@@ -101,7 +103,10 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
         tokens += step_tokens
     loss.item()  # waits for the last step
     seconds = time.perf_counter() - t0
-    peak_memory = peak_memory_bytes(lambda: step(args.warmup + args.steps), rt)  # one more step, untimed
+    # what lives from step to step: weights, optimizer state, and under DDP the gradients (in its buckets)
+    resident = [*raw_model.parameters(), *(p.grad for p in raw_model.parameters() if p.grad is not None),
+                *(t for state in optimizer.state.values() for t in state.values())]
+    peak_memory = peak_memory_bytes(lambda: step(args.warmup + args.steps), rt, resident)  # one more step, untimed
     seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
     peak = max(peak_before, rt.peak_flops())
     mfu = raw_model.flops_per_token(seq_len) * tokens_per_sec / (peak * world_size)
@@ -206,7 +211,8 @@ def main(argv=None):
             result = bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps)
         result = {"mode": "sample" if args.sample else "train", "model": args.init_from or args.model,
                   "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else rt.device,
-                  "dtype": str(rt.dtype).removeprefix("torch."), "compile": args.compile, **result}
+                  "dtype": str(rt.dtype).removeprefix("torch."), "compile": args.compile,
+                  "reduce_dtype": args.reduce_dtype, **result}
         if rt.master:
             width = max(len(k) for k in result)
             for key, value in result.items():

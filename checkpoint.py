@@ -41,8 +41,9 @@ def save_checkpoint(path, model, optimizer, scaler, step, args):
 
 
 def load_checkpoint(path, mmap=False):
-    """A checkpoint's dict, from its path or its out_dir. mmap: map the file instead of reading it, for a look at
-    its config (cheap however big the model). Tensors only: a checkpoint cannot run code when loaded."""
+    """A checkpoint's dict, from its path or its out_dir. Tensors only: a checkpoint cannot run code when loaded.
+    mmap: map the file instead of reading it, so that only what is used is read (a look at the config is cheap
+    however big the model), and the processes of a node share one copy in the page cache."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     if not os.path.exists(path):
@@ -66,7 +67,7 @@ def load_model(source, dropout=0.0):
     out_dir holding one), a Hugging Face GPT-2 directory (config.json + model.safetensors), or a hub name (gpt2,
     gpt2-medium, gpt2-large, gpt2-xl). Returns the GPT in float32 on the CPU."""
     if is_checkpoint(source):
-        ckpt = load_checkpoint(source)
+        ckpt = load_checkpoint(source, mmap=True)  # the weights are copied into the model; the rest is never read
         model = GPT(GPTConfig(**{**ckpt["model_config"], "dropout": dropout}))
         model.load_state_dict(ckpt["model"])
         return model

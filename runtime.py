@@ -265,22 +265,24 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 def cpu_bf16_is_faster():
     """Whether this CPU multiplies bf16 matrices clearly faster than fp32. CPUs with bf16 units (AMX, AVX512-BF16,
     Arm's BF16) run it several times faster; without them PyTorch emulates it, many times slower. Flags don't tell
-    reliably across operating systems and architectures, so time it: a few milliseconds, once per run."""
+    reliably across operating systems and architectures, so time it: a few milliseconds, once per run. The best of
+    several products, after two that prepare the kernels: one slow moment of a shared machine must not decide."""
     a = torch.randn(256, 256)
 
-    def seconds(x, budget):
-        x @ x  # warm-up
+    def seconds(x, give_up_after):
+        x @ x
+        x @ x
         best = float("inf")
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
             x @ x
             best = min(best, time.perf_counter() - t0)
-            if best > budget:  # already clearly slower: stop early, emulated bf16 is slow
+            if best > give_up_after:  # several times slower even at its best: emulated, no need to wait for more
                 break
         return best
 
     fp32 = seconds(a, float("inf"))
-    return seconds(a.bfloat16(), fp32) * 1.5 < fp32
+    return seconds(a.bfloat16(), 4 * fp32) * 1.5 < fp32
 
 
 def keep_freed_memory():
@@ -330,21 +332,23 @@ def measured_matmul_flops(rt):
         n *= 2
 
 
-def peak_memory_bytes(fn, rt):
+def peak_memory_bytes(fn, rt, resident=()):
     """fn() run once, and the most memory that tensors held at any moment of it: what sizes a batch to a device.
-    On a GPU, CUDA's allocator counts every tensor; on a CPU, PyTorch's profiler counts those fn allocates or uses
-    (a training step uses the weights, gradients and optimizer state; slow, so for one step). Not the process's
-    resident memory, which also holds the Python runtime, the libraries, and freed memory kept for reuse."""
+    On a GPU, CUDA's allocator counts every tensor. On a CPU, PyTorch's profiler sees each allocation and free made
+    during fn (slow, so for one step), and the tensors that exist before it are the `resident` ones (the weights,
+    gradients and optimizer state; each storage counted once). Not the process's resident memory, which also holds
+    the Python runtime, the libraries, and freed memory kept for reuse."""
     if rt.device_type == "cuda":
         rt.synchronize()
         torch.cuda.reset_peak_memory_stats(rt.device)
         fn()
         rt.synchronize()
         return torch.cuda.max_memory_allocated(rt.device)
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
+    before = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in resident}.values())
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with native_stderr_silenced():  # some builds print a line as the profiler starts and stops
         profiler.start()
     try:
@@ -352,8 +356,13 @@ def peak_memory_bytes(fn, rt):
     finally:
         with native_stderr_silenced():
             profiler.stop()
-    _, sizes = MemoryProfileTimeline(profiler._memory_profile())._coalesce_timeline(torch.device("cpu"))
-    return max(sum(by_category) for by_category in sizes)
+    events, allocations = list(profiler.profiler.kineto_results.experimental_event_tree()), []
+    while events:  # the tree of calls, walked for its allocations: bytes allocated since the start, after each one
+        event = events.pop()
+        events.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            allocations.append((event.start_time_ns, event.extra_fields.total_allocated))
+    return before + max([0] + [total for _, total in sorted(allocations)])
 
 
 @contextlib.contextmanager

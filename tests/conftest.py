@@ -10,6 +10,7 @@ SHARED = os.path.join(os.path.dirname(REPO), "shared")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes-long end-to-end checks; run with `pytest -m slow`")
+    config.addinivalue_line("markers", "cuda: the GPU check, minutes on one CUDA GPU; run with `pytest -m cuda`")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from checkpoint import save_checkpoint
 from conftest import REPO
 from data import LOADERS, TextLoader
 from model import GPT, GPTConfig
-from runtime import build_training, setup_runtime
+from runtime import build_training, peak_memory_bytes, setup_runtime
 
 TINY = ["--model", "gpt2-nano", "--batch_size", "4", "--seq_len", "32", "--warmup_steps", "2", "--max_lr", "3e-3",
         "--log_interval", "1", "--eval_interval", "3", "--eval_steps", "2", "--sample_tokens", "0",
@@ -407,3 +407,36 @@ def test_under_torchrun_sigterm_saves_before_the_processes_are_killed(small_text
     assert "stopped by signal at step 1; checkpoint saved" in out, err
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
     assert "val_loss" not in read_metrics(tmp_path)[-1]  # the evaluation was skipped, not run
+
+
+def test_more_micro_steps_keep_no_more_logits_alive(small_text):
+    # each micro-step's logits (the largest tensor of a small model's step) are dropped before the next forward
+    args = train.build_parser().parse_args([*TINY, "--dataset_path", small_text, "--batch_size", "2"])
+    cfg = train.model_config(args)
+    train.batch_geometry(args, cfg, 1)
+    rt = setup_runtime("cpu", "float32")
+    peaks = []
+    for accum_steps in (1, 3):
+        loader = LOADERS["text"](small_text, args.seq_len, args.batch_size, accum_steps)
+        torch.manual_seed(0)
+        model, optimizer, scaler = build_training(GPT(cfg), rt, weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95))
+        train.train_step(model, optimizer, scaler, loader, 1, accum_steps, rt, args)  # the optimizer's state
+        resident = [*model.parameters(), *(t for state in optimizer.state.values() for t in state.values())]
+        peaks.append(peak_memory_bytes(lambda: train.train_step(model, optimizer, scaler, loader, 2, accum_steps,
+                                                                rt, args), rt, resident))
+    # accumulating into the gradients costs a gradient's size (the sum is made beside it), a micro-step's logits more
+    gradient_bytes = sum(p.numel() * 4 for p in model.parameters())
+    logits_bytes = args.batch_size * args.seq_len * cfg.vocab_size * 4
+    assert peaks[1] - peaks[0] < gradient_bytes + logits_bytes / 4
+
+
+def test_processes_that_cannot_connect_say_so_in_one_line(small_text, tmp_path):
+    # the usual multi-node misconfiguration: gloo on a network interface that isn't there
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="no-such-interface0")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run([*torchrun, "train.py", *TINY, "--dataset_path", small_text, "--out_dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "could not connect" in ours[0] and "GLOO_SOCKET_IFNAME" in ours[0]
+    assert "[rank0]: Traceback" not in result.stderr and not (tmp_path / "ckpt.pt").exists()
