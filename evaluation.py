@@ -137,16 +137,18 @@ def hellaswag_accuracy(model, items, rt, items_per_forward=16):
     counts = torch.zeros(3, device=rt.device, dtype=sum_dtype(rt))  # items, right by acc, right by acc_norm
     mine = items[rt.rank :: rt.world_size]
     for start in range(0, len(mine), items_per_forward):
-        x, y, item, ending, lengths, labels = rt.to_device(hellaswag_batch(mine[start : start + items_per_forward],
-                                                                          model.config.block_size))
+        batch = mine[start : start + items_per_forward]
+        x, y, item, ending, lengths, labels = rt.to_device(hellaswag_batch(batch, model.config.block_size))
         with rt.autocast():
             _, nats = model(x, y, loss_reduction="none")  # (rows, T): each ending's tokens' losses
-        total = torch.full((len(labels), int(ending.max()) + 1), float("inf"), device=rt.device)  # (items, endings)
+        # (items, endings) tables of the endings' losses, inf where an item has fewer endings than the widest
+        total = torch.full((len(batch), max(len(endings) for _, endings, _ in batch)), math.inf, device=rt.device)
         per_token = total.clone()
         total[item, ending] = nats.sum(1)
         per_token[item, ending] = nats.sum(1) / lengths
-        counts += torch.stack([torch.tensor(len(labels), device=rt.device), (total.argmin(1) == labels).sum(),
-                               (per_token.argmin(1) == labels).sum()]).to(counts.dtype)
+        counts[0] += len(batch)  # a number, not a tensor from the host: no copy that waits for the device
+        counts[1] += (total.argmin(1) == labels).sum()
+        counts[2] += (per_token.argmin(1) == labels).sum()
     model.train(was_training)
     n, right, right_norm = rt.all_reduce_sum(counts).tolist()
     return {"acc": right / n, "acc_norm": right_norm / n}
