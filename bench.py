@@ -5,6 +5,8 @@ Benchmarks: training steps, and decoding.
     python bench.py --model gpt2 --seq_len 256 --batch_size 4
     python bench.py --model gpt2 --device cuda --seq_len 1024 --batch_size 16 --compile
     torchrun --standalone --nproc_per_node=2 bench.py --device cpu --model gpt2-mini   # DDP: figures for the job
+    torchrun --standalone --nproc_per_node=2 bench.py --device cpu --model gpt2-mini --fsdp   # FSDP, to compare
+    python bench.py --memory_table 8 --batch_size 8         # the memory estimate for each GPT-2 size, nothing runs
     python bench.py --sample --model gpt2                   # decoding: KV cache, no cache, transformers' generate
 
 Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from runtime.build_training and the
@@ -12,7 +14,8 @@ batches from data.py's loaders, as in train.py. After --warmup steps, times --st
 forward and backward (gradients synced on the last), then clipping and the AdamW step. Reports tokens/s, ms/step,
 MFU and peak memory. MFU is against Runtime.peak_flops: the data sheet's bf16/fp16 peak for known GPUs, otherwise a
 large matmul timed on the spot in the run's dtype. Peak memory is the most the tensors held during one more step
-(runtime.peak_memory_bytes: CUDA's allocator on a GPU, the profiler on a CPU), model and optimizer included.
+(runtime.peak_memory_bytes: CUDA's allocator on a GPU, the profiler on a CPU), model and optimizer included, per
+process under torchrun, with the weights, gradients and optimizer state alone, and memory_estimate's figure.
 Decoding: greedy tokens/s of a batch of one from random weights of the model's shape (or --init_from), with and
 without the KV cache, and of transformers' generate on the same weights when transformers is installed; then
 whether the three decode the same tokens, in full fp32 (where a tie between two logits cannot flip).
@@ -59,10 +62,14 @@ def build_parser():
     a("--compile", action="store_true", help="torch.compile the model")
     a("--reduce_dtype", default="float32", choices=["float32", "bfloat16"], help="under torchrun, the dtype in which "
       "gradients are all-reduced, as in train.py")
+    a("--fsdp", action="store_true", help="under torchrun, shard the model (FSDP2) instead of DDP, as in train.py")
+    a("--activation_checkpointing", action="store_true", help="recompute activations in backward, as in train.py")
     a("--seed", type=int, default=1337, help="seeds the weights and the batches")
     a("--steps", type=int, default=10, help="timed steps")
     a("--warmup", type=int, default=3, help="untimed steps first (allocations, compilation, caches)")
     a("--sample", action="store_true", help="benchmark decoding instead of training")
+    a("--memory_table", type=int, metavar="GPUS", help="print the estimated memory a GPU needs to train each GPT-2 "
+      "size on this many GPUs, at --batch_size x --seq_len (default 1024) tokens a micro-step, in bf16 (nothing runs)")
     a("--init_from", help="--sample: these weights (as train.py's --init_from) instead of random ones")
     a("--prompt_tokens", type=int, default=32, help="--sample: prompt length")
     a("--new_tokens", type=int, default=128, help="--sample: tokens generated per run")
@@ -79,7 +86,8 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
     torch.manual_seed(args.seed)
     raw_model = GPT(cfg)
     model, optimizer, scaler = build_training(raw_model, rt, weight_decay=0.1, lr=1e-4, betas=(0.9, 0.95),
-                                              compile=args.compile, reduce_dtype=args.reduce_dtype)
+                                              compile=args.compile, reduce_dtype=args.reduce_dtype, fsdp=args.fsdp,
+                                              activation_checkpointing=args.activation_checkpointing)
     model.train()
 
     def step(number):  # what train.train_step computes, less its bookkeeping (schedule, loss weights, seeding)
@@ -103,17 +111,88 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
         tokens += step_tokens
     loss.item()  # waits for the last step
     seconds = time.perf_counter() - t0
-    # what lives from step to step: weights, optimizer state, and under DDP the gradients (in its buckets)
-    resident = [*raw_model.parameters(), *(p.grad for p in raw_model.parameters() if p.grad is not None),
-                *(t for state in optimizer.state.values() for t in state.values())]
+    # what lives from step to step: weights, optimizer state, and under DDP the gradients (in its buckets); this
+    # rank's shards of them under FSDP
+    params = list(raw_model.parameters())
+    optimizer_state = [t for state in optimizer.state.values() for t in state.values()]
+    resident = [local(t) for t in [*params, *(p.grad for p in params if p.grad is not None), *optimizer_state]]
+    gradient_bytes = []  # the gradients as the optimizer gets them
+    optimizer.register_step_pre_hook(lambda *_: gradient_bytes.append(
+        sum(tensor_bytes(p.grad) for p in params if p.grad is not None)))
     peak_memory = peak_memory_bytes(lambda: step(args.warmup + args.steps), rt, resident)  # one more step, untimed
+    state_memory = sum(map(tensor_bytes, params)) + gradient_bytes[-1] + sum(map(tensor_bytes, optimizer_state))
     seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
     peak = max(peak_before, rt.peak_flops())
     mfu = raw_model.flops_per_token(seq_len) * tokens_per_sec / (peak * world_size)
     return {"params": raw_model.num_params(), "batch_size": args.batch_size, "seq_len": seq_len,
             "accum_steps": accum_steps, "processes": world_size, "tokens_per_step": total_batch_size,
             "ms_per_step": seconds_per_step * 1000, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
-            "peak_tflops": peak / 1e12, "peak_memory_gb": peak_memory / 1e9}
+            "peak_tflops": peak / 1e12,
+            # per process: the worst moment of a step, and the weights + gradients + optimizer state within it
+            "peak_memory_gb": max(rt.gather(peak_memory)) / 1e9,
+            "peak_memory_gb_per_rank": [round(b / 1e9, 4) for b in rt.gather(peak_memory)],
+            "state_memory_gb_per_rank": [round(b / 1e9, 4) for b in rt.gather(state_memory)],
+            # memory_estimate's sum of the parts, which never all peak at once: what to size a GPU by
+            "estimated_memory_gb": sum(memory_estimate(
+                cfg, args.batch_size * seq_len, world_size if args.fsdp else 1, args.activation_checkpointing,
+                accum_steps > 1, low_precision=rt.dtype != torch.float32).values()) / 1e9}
+
+
+def local(t):
+    """This rank's part of a tensor: a DTensor's (FSDP's) local shard, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def tensor_bytes(t):
+    return local(t).numel() * t.element_size()
+
+
+def memory_estimate(cfg, tokens, shards, activation_checkpointing, accumulating=False, low_precision=True):
+    """Bytes a rank needs for a training step of GPT cfg on `tokens` tokens a micro-step, its weights, gradients
+    and AdamW state split `shards` ways (1: DDP or one GPU; the processes for FSDP), by part. fp32 weights and
+    optimizer (4 + 4 bytes a parameter, the gradient 4 more; FSDP accumulating over micro-steps without syncing
+    keeps the whole gradient unsharded in fp32 until the last one, 4 bytes a parameter more). Activations per token
+    and layer, as the autograd graph keeps them under bf16 autocast: the block's input and LayerNorm inputs in fp32
+    (4d + 4d), the bf16 inputs of the four matmuls (2d + 2d + 2d + 8d), q, k, v (6d), the MLP's pre-GELU (8d): 38d
+    bytes, or in fp32 64d; with activation checkpointing only each block's fp32 input (4d) stays, and one block's
+    at a time is rebuilt. The loss holds the logits and their fp32 softmax at once: 6 bytes a logit (8 in fp32).
+    Under autocast each weight also has a bf16 copy for the step (2 bytes a parameter); FSDP instead gathers two
+    blocks and the root at a time. The parts never all peak at once: their sum is an upper bound."""
+    d, L, V, P = cfg.n_embd, cfg.n_layer, cfg.vocab_size, param_count(cfg)
+    per_layer = 38 * d if low_precision else 64 * d
+    gathered_bytes = 2 if low_precision else 4
+    if shards > 1:  # FSDP's gathered units: two blocks (one computing, one prefetched) and the root
+        block = 12 * d * d + 13 * d
+        copies = (2 * block + (V + cfg.block_size) * d) * gathered_bytes
+    else:
+        copies = 2 * P if low_precision else 0
+    activations = tokens * L * per_layer
+    if activation_checkpointing:
+        activations = tokens * L * 4 * d + tokens * per_layer
+    gradients = 4 * P / shards + (4 * P if shards > 1 and accumulating else 0)
+    return {"weights": 4 * P / shards, "gradients": gradients, "optimizer": 8 * P / shards,
+            "weight copies": copies, "activations": activations, "loss": tokens * V * (6 if low_precision else 8)}
+
+
+def param_count(cfg):
+    """GPT(cfg).num_params(), without building it: embeddings, then per block 12d^2 weights and 13d biases and
+    gains, then the final LayerNorm."""
+    d = cfg.n_embd
+    return (cfg.vocab_size + cfg.block_size) * d + cfg.n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+def print_memory_table(gpus, tokens):
+    print(f"GB per GPU to train, {gpus} GPUs, {tokens} tokens a micro-step with gradient accumulation, bf16 autocast, "
+          f"AdamW: weights + gradients + optimizer state | weight copies | activations | loss = total")
+    print("| model | DDP | FSDP | FSDP + activation checkpointing |\n| --- | --- | --- | --- |")
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        cells = []
+        for shards, checkpointing in [(1, False), (gpus, False), (gpus, True)]:
+            parts = memory_estimate(preset_config(name), tokens, shards, checkpointing, accumulating=True)
+            state = parts["weights"] + parts["gradients"] + parts["optimizer"]
+            cells.append(f"{state / 1e9:.1f} + {parts['weight copies'] / 1e9:.1f} + {parts['activations'] / 1e9:.1f} "
+                         f"+ {parts['loss'] / 1e9:.1f} = **{sum(parts.values()) / 1e9:.1f}**")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def bench_decoding(args, rt, cfg):
@@ -193,6 +272,12 @@ def main(argv=None):
                 raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
         if args.warmup < 0:
             raise UserError(f"--warmup must not be negative, got {args.warmup}")
+        if args.fsdp and "WORLD_SIZE" not in os.environ:
+            raise UserError("--fsdp shards the model over the processes of a torchrun job: launch bench.py with "
+                            "torchrun --nproc_per_node=N")
+        if args.memory_table:
+            print_memory_table(args.memory_table, args.batch_size * (args.seq_len or 1024))
+            return
         try:
             cfg = preset_config(args.model, args.dropout, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
         except ValueError as e:

@@ -17,20 +17,24 @@ import torch
 
 import hf
 from model import GPT, GPTConfig
-from runtime import UserError
+from runtime import UserError, training_state
 
 CHECKPOINT = "ckpt.pt"
 METRICS = "metrics.jsonl"
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, args):
+def save_checkpoint(path, model, optimizer, scaler, step, args, write=True):
     """Everything resuming needs: the model's state dict (never a compiled or DDP-wrapped module's), the optimizer's
-    and the GradScaler's, the step, the model's config and the run's (args). Written to a temporary file and
-    renamed, so a crash never leaves half a checkpoint."""
+    and the GradScaler's, the step, the model's config and the run's (args). A sharded (FSDP) model's states are
+    gathered first, in full: one format, whatever the run. Every rank calls this (gathering is a collective); the
+    one with write=True writes. Written to a temporary file and renamed, so a crash never leaves half a checkpoint."""
+    model_state, optimizer_state = training_state(model, optimizer)
+    if not write:
+        return
     state = {
-        "model": model.state_dict(),
+        "model": model_state,
         "model_config": dataclasses.asdict(model.config),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scaler": scaler.state_dict(),
         "step": step,
         "config": vars(args),

@@ -136,8 +136,12 @@ def hellaswag_accuracy(model, items, rt, items_per_forward=16):
     model.eval()
     counts = torch.zeros(3, device=rt.device, dtype=sum_dtype(rt))  # items, right by acc, right by acc_norm
     mine = items[rt.rank :: rt.world_size]
-    for start in range(0, len(mine), items_per_forward):
+    # as many forward passes on every rank (a sharded model's forward is a collective): a rank short of items
+    # scores its first ones again, uncounted
+    forwards = math.ceil(math.ceil(len(items) / rt.world_size) / items_per_forward)
+    for start in range(0, forwards * items_per_forward, items_per_forward):
         batch = mine[start : start + items_per_forward]
+        counted, batch = bool(batch), batch or items[:1]
         x, y, item, ending, lengths, labels = rt.to_device(hellaswag_batch(batch, model.config.block_size))
         with rt.autocast():
             _, nats = model(x, y, loss_reduction="none")  # (rows, T): each ending's tokens' losses
@@ -146,9 +150,10 @@ def hellaswag_accuracy(model, items, rt, items_per_forward=16):
         per_token = total.clone()
         total[item, ending] = nats.sum(1)
         per_token[item, ending] = nats.sum(1) / lengths
-        counts[0] += len(batch)  # a number, not a tensor from the host: no copy that waits for the device
-        counts[1] += (total.argmin(1) == labels).sum()
-        counts[2] += (per_token.argmin(1) == labels).sum()
+        if counted:
+            counts[0] += len(batch)  # a number, not a tensor from the host: no copy that waits for the device
+            counts[1] += (total.argmin(1) == labels).sum()
+            counts[2] += (per_token.argmin(1) == labels).sum()
     model.train(was_training)
     n, right, right_norm = rt.all_reduce_sum(counts).tolist()
     return {"acc": right / n, "acc_norm": right_norm / n}

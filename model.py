@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from data import IGNORE_INDEX  # the label the loss skips: prompt tokens and padding (data.py writes them)
 
@@ -205,6 +206,10 @@ class GPT(nn.Module):
         # embedding. One Parameter, two uses: it saves vocab_size * n_embd parameters and both uses train it.
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
+        # Recompute each block's activations in backward instead of keeping them from forward: about a third more
+        # compute for a block's activations in memory at a time instead of all of them (train.py's
+        # --activation_checkpointing). A setting of the training run, not of the architecture.
+        self.activation_checkpointing = False
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -233,7 +238,11 @@ class GPT(nn.Module):
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
         for block in self.transformer.h:
-            x = block(x, cache)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # non-reentrant: works with FSDP and torch.compile; dropout draws the same masks the second time
+                x = torch.utils.checkpoint.checkpoint(block, x, cache, use_reentrant=False)
+            else:
+                x = block(x, cache)
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)

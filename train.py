@@ -65,6 +65,12 @@ def build_parser():
     a("--reduce_dtype", default="float32", choices=["float32", "bfloat16"], help="under torchrun, the dtype in which "
       "gradients are all-reduced between processes: bfloat16 halves the traffic (for jobs whose network is the "
       "bottleneck), at some precision")
+    a("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="under torchrun, shard the weights, "
+      "gradients and optimizer state over the processes (FSDP2) instead of a full copy in each (DDP): for models too "
+      "big for one GPU's memory")
+    a("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=False, help="recompute each "
+      "block's activations in backward instead of keeping them: less memory (a larger --batch_size fits) for about "
+      "a third more compute")
     a("--seed", type=int, default=1337, help="seeds the initialisation, the batches and dropout")
     a("--out_dir", default="out", help="where ckpt.pt and metrics.jsonl go")
     a("--log_interval", type=int, default=10, help="log every this many steps")
@@ -97,6 +103,9 @@ def check_args(args):
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.max_lr <= 0 or args.weight_decay < 0 or args.grad_clip < 0:
         raise UserError("--max_lr must be positive, --weight_decay and --grad_clip not negative")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        raise UserError("--fsdp shards the model over the processes of a torchrun job: launch it with torchrun "
+                        "--nproc_per_node=N train.py ... (one process keeps the whole model anyway: drop --fsdp)")
 
 
 def model_config(args):
@@ -137,9 +146,9 @@ def explicit_flags(parser, argv):
 
 # Options that may change when resuming: they decide how long and how the run goes on, not what it computes.
 # The device, the dtype and the gradient traffic are the machine's: a run may move to another.
-RESUMABLE_OVERRIDES = {"max_steps", "device", "dtype", "compile", "reduce_dtype", "log_interval", "eval_interval",
-                       "eval_steps", "save_interval", "sample_tokens", "out_dir", "resume", "overwrite",
-                       "hellaswag_path", "hellaswag_interval"}
+RESUMABLE_OVERRIDES = {"max_steps", "device", "dtype", "compile", "reduce_dtype", "fsdp", "activation_checkpointing",
+                       "log_interval", "eval_interval", "eval_steps", "save_interval", "sample_tokens", "out_dir",
+                       "resume", "overwrite", "hellaswag_path", "hellaswag_interval"}
 
 
 def prepare_resume(args, given):
@@ -172,6 +181,9 @@ def prepare_resume(args, given):
     for name in given & RESUMABLE_OVERRIDES:
         setattr(saved, name, getattr(args, name))
     saved.out_dir, saved.resume = args.out_dir, True
+    if saved.fsdp and "WORLD_SIZE" not in os.environ and "fsdp" not in given:
+        print("--resume: the run was sharded (--fsdp); this one process goes on with the whole model", file=sys.stderr)
+        saved.fsdp = False
     if saved.max_steps < ckpt["step"]:
         raise UserError(f"--max_steps {saved.max_steps} is before the checkpoint's step {ckpt['step']}")
     return saved, ckpt
@@ -211,8 +223,8 @@ def run_and_sample(args, given):
     train(run)
     if run.rt.master:
         print(f"done: {run.ckpt_path}")
-        if run.args.sample_tokens > 0:
-            print_sample(run)
+    if run.args.sample_tokens > 0 and (run.rt.master or run.args.fsdp):  # a sharded model runs on every rank
+        print_sample(run)
 
 
 @dataclasses.dataclass
@@ -268,7 +280,8 @@ def setup(args, given):
     raw_model = init_model or GPT(cfg)
     model, optimizer, scaler = build_training(raw_model, rt, weight_decay=args.weight_decay, lr=args.max_lr,
                                               betas=(args.beta1, args.beta2), compile=args.compile, state=ckpt,
-                                              reduce_dtype=args.reduce_dtype)
+                                              reduce_dtype=args.reduce_dtype, fsdp=args.fsdp,
+                                              activation_checkpointing=args.activation_checkpointing)
     start_step = ckpt["step"] if ckpt is not None else 0
     del ckpt, init_model  # the loaded tensors are in the model and optimizer now
 
@@ -333,9 +346,9 @@ def train(run):
             if rt.master:
                 print(log_line(record, args.max_steps, speed.seconds_per_step), flush=True)
 
-            # ---- checkpoint
-            if do_save and rt.master:
-                save_checkpoint(run.ckpt_path, run.raw_model, run.optimizer, run.scaler, step, args)
+            # ---- checkpoint (every rank: a sharded model is gathered first; rank 0 writes)
+            if do_save:
+                save_checkpoint(run.ckpt_path, run.raw_model, run.optimizer, run.scaler, step, args, write=rt.master)
             if stop:
                 if rt.master:
                     print(f"stopped by signal at step {step}; checkpoint saved: continue with --resume", flush=True)
@@ -450,7 +463,8 @@ def print_sample(run):
         out = model.generate(torch.tensor([prompt], device=rt.device), args.sample_tokens, temperature=temperature,
                              top_k=200, generator=generator, stop_token=EOT_TOKEN)
     new_tokens = [t for t in out[0, len(prompt):].tolist() if t != EOT_TOKEN]
-    print("-" * 80 + "\n" + (shown + tokenizer.decode(new_tokens)).strip() + "\n" + "-" * 80)
+    if rt.master:
+        print("-" * 80 + "\n" + (shown + tokenizer.decode(new_tokens)).strip() + "\n" + "-" * 80)
 
 
 if __name__ == "__main__":

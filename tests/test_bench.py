@@ -1,9 +1,11 @@
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+import bench
 from conftest import REPO
 
 NANO = ["--model", "gpt2-nano", "--device", "cpu", "--dtype", "float32"]
@@ -29,3 +31,52 @@ def test_decoding_benchmark_checks_the_cache_against_no_cache_and_transformers()
     result = run_bench("--sample", "--prompt_tokens", "8", "--new_tokens", "8")
     assert result["mode"] == "sample" and result["kv_cache_tokens_per_sec"] > 0
     assert result["same_tokens_with_and_without_cache"] and result["same_tokens_as_transformers"]
+
+
+def test_under_torchrun_fsdp_holds_half_of_ddp_s_weights_gradients_and_optimizer_state_per_rank(small_text):
+    flags = ["bench.py", *NANO, "--dataset_path", small_text, "--seq_len", "32", "--batch_size", "2", "--steps", "1",
+             "--warmup", "1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    figures = {}
+    for name, extra in [("ddp", []), ("fsdp", ["--fsdp"])]:
+        result = subprocess.run([*torchrun, *flags, *extra], cwd=REPO, capture_output=True, text=True, timeout=240,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert result.returncode == 0, result.stderr
+        figures[name] = json.loads(result.stdout.strip().splitlines()[-1])
+    ddp, fsdp = figures["ddp"], figures["fsdp"]
+    assert len(fsdp["state_memory_gb_per_rank"]) == 2
+    for ddp_rank, fsdp_rank in zip(ddp["state_memory_gb_per_rank"], fsdp["state_memory_gb_per_rank"]):
+        assert fsdp_rank == pytest.approx(ddp_rank / 2, rel=0.05)
+    assert max(fsdp["peak_memory_gb_per_rank"]) < min(ddp["peak_memory_gb_per_rank"])
+
+
+def test_activation_checkpointing_lowers_the_peak_memory_of_a_step(small_text):
+    # a shape whose block activations are a fair part of the step (the output layer's logits are the rest)
+    flags = ["--dataset_path", small_text, "--n_layer", "4", "--n_embd", "128", "--n_head", "4", "--seq_len", "64",
+             "--batch_size", "8", "--steps", "1", "--warmup", "1"]
+    plain = run_bench(*flags)
+    checkpointed = run_bench(*flags, "--activation_checkpointing")
+    assert checkpointed["state_memory_gb_per_rank"] == plain["state_memory_gb_per_rank"]
+    assert checkpointed["peak_memory_gb"] < plain["peak_memory_gb"]
+
+
+@pytest.mark.parametrize("preset, params", [("gpt2", 124_439_808), ("gpt2-xl", 1_557_611_200), ("gpt2-nano", None)])
+def test_the_memory_estimate_counts_the_parameters_without_building_the_model(preset, params):
+    cfg = bench.preset_config(preset)
+    assert bench.param_count(cfg) == (params or bench.GPT(cfg).num_params())
+
+
+def test_the_memory_estimate_of_weights_gradients_and_optimizer_state_is_what_a_step_holds(small_text):
+    result = run_bench("--dataset_path", small_text, "--seq_len", "32", "--batch_size", "2", "--steps", "1")
+    parts = bench.memory_estimate(bench.preset_config("gpt2-nano"), 2 * 32, 1, False, low_precision=False)
+    estimate = (parts["weights"] + parts["gradients"] + parts["optimizer"]) / 1e9
+    assert result["state_memory_gb_per_rank"] == [pytest.approx(estimate, abs=1e-4)]
+    assert result["peak_memory_gb"] <= result["estimated_memory_gb"]  # the parts' sum bounds the peak
+
+
+def test_memory_table_prints_every_gpt2_size_under_ddp_fsdp_and_checkpointing(capsys):
+    bench.main(["--memory_table", "8", "--batch_size", "8"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| gpt2")]
+    assert [row.split(" | ")[0] for row in rows] == ["| gpt2", "| gpt2-medium", "| gpt2-large", "| gpt2-xl"]
+    totals = [float(cell.split("**")[1]) for cell in rows[-1].split(" | ")[1:]]  # gpt2-xl: DDP, FSDP, FSDP + AC
+    assert totals[0] > totals[1] > totals[2]

@@ -108,8 +108,8 @@ def test_resuming_gives_the_losses_of_an_uninterrupted_run(dataset_type, small_t
     interrupted = tmp_path / "interrupted"
     save_checkpoint = train.save_checkpoint
 
-    def save_and_keep_step_5(path, model, optimizer, scaler, step, args):
-        save_checkpoint(path, model, optimizer, scaler, step, args)
+    def save_and_keep_step_5(path, model, optimizer, scaler, step, args, write=True):
+        save_checkpoint(path, model, optimizer, scaler, step, args, write)
         if step == 5:  # what a run killed after step 5 leaves behind
             interrupted.mkdir()
             for name in ("ckpt.pt", "metrics.jsonl"):
@@ -308,6 +308,7 @@ BAD_INPUTS = {
     "alpaca given as text": (["--dataset_path", "{alpaca}"], "use --dataset_type alpaca"),
     "alpaca record without output": (["--dataset_type", "alpaca", "--dataset_path", "{no_output}"],
                                      'record 1 of'),
+    "fsdp without torchrun": (["--fsdp"], "launch it with torchrun"),
 }
 
 
@@ -440,3 +441,76 @@ def test_processes_that_cannot_connect_say_so_in_one_line(small_text, tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and "could not connect" in ours[0] and "GLOO_SOCKET_IFNAME" in ours[0]
     assert "[rank0]: Traceback" not in result.stderr and not (tmp_path / "ckpt.pt").exists()
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def run_script(*cmd, torchrun=False):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([*(TORCHRUN if torchrun else [sys.executable]), *cmd], cwd=REPO, capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def write_hellaswag(path, n):
+    items = [{"ctx": f"Item {i}: the cat", "endings": ["sat on the mat.", "flew away.", "sang.", "is blue."],
+              "label": i % 4} for i in range(n)]
+    path.write_text("\n".join(json.dumps(item) for item in items))
+    return str(path)
+
+
+@pytest.mark.parametrize("dataset_type", ["text", "alpaca"])
+def test_fsdp_on_two_processes_equals_one_process_with_double_accumulation(dataset_type, small_text, tmp_path):
+    # 4 micro-batches of 2 sequences a step; 3 HellaSwag items, an uneven share (a sharded forward needs every rank)
+    data = small_text if dataset_type == "text" else write_alpaca(tmp_path / "alpaca.json", 60)
+    seq_len = 32 if dataset_type == "text" else 64  # an Alpaca prompt alone is about 40 tokens
+    flags = ["train.py", *TINY, "--dataset_type", dataset_type, "--dataset_path", data, "--max_steps", "4",
+             "--seq_len", str(seq_len), "--batch_size", "2", "--total_batch_size", str(4 * 2 * seq_len),
+             "--sample_tokens", "8",
+             "--hellaswag_path", write_hellaswag(tmp_path / "hs.jsonl", 3), "--hellaswag_interval", "2"]
+    run_script(*flags, "--out_dir", str(tmp_path / "one"))
+    sharded = run_script(*flags, "--fsdp", "--out_dir", str(tmp_path / "two"), torchrun=True)
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for name in ("loss", "val_loss", "hellaswag_acc_norm"):
+        assert [r[name] for r in two if name in r] == pytest.approx([r[name] for r in one if name in r], abs=1e-4)
+    # the norm of gradients summed in another order (shard by shard): equal to rounding
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-3)
+    assert sharded.stdout.count("-" * 80) == 2  # the end-of-run sample, printed once
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process_and_back(small_text, tmp_path):
+    # one format for both: each way, the losses of the run that was never interrupted (a constant learning rate
+    # after warmup, so that stopping at step 3 and going on to 6 is that run)
+    flags = ["train.py", *TINY, "--dataset_path", small_text, "--batch_size", "2", "--total_batch_size",
+             str(4 * 2 * 32), "--min_lr", "3e-3"]
+    run_script(*flags, "--max_steps", "6", "--out_dir", str(tmp_path / "whole"))
+    run_script(*flags, "--max_steps", "3", "--fsdp", "--out_dir", str(tmp_path / "fsdp_then_one"), torchrun=True)
+    resumed = run_script("train.py", "--resume", "--max_steps", "6", "--out_dir", str(tmp_path / "fsdp_then_one"))
+    assert "goes on with the whole model" in resumed.stderr
+    run_script(*flags, "--max_steps", "3", "--out_dir", str(tmp_path / "one_then_fsdp"))
+    run_script("train.py", "--resume", "--max_steps", "6", "--fsdp", "--out_dir", str(tmp_path / "one_then_fsdp"),
+               torchrun=True)
+    whole = read_metrics(tmp_path / "whole")
+    for out_dir in ("fsdp_then_one", "one_then_fsdp"):
+        records = read_metrics(tmp_path / out_dir)
+        assert [r["step"] for r in records] == list(range(1, 7))
+        assert losses(records) == pytest.approx(losses(whole), abs=1e-4)
+
+
+def test_activation_checkpointing_gives_the_same_losses(small_text, tmp_path):
+    flags = ["--max_steps", "3", "--dropout", "0.1"]  # dropout: recomputation must draw the same masks
+    plain = run_train(small_text, tmp_path / "plain", *flags)
+    checkpointed = run_train(small_text, tmp_path / "checkpointed", *flags, "--activation_checkpointing")
+    assert losses(checkpointed) == pytest.approx(losses(plain), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_compiled_gives_the_losses_of_fsdp_eager(small_text, tmp_path):
+    flags = ["train.py", *TINY, "--dataset_path", small_text, "--max_steps", "3", "--fsdp"]
+    run_script(*flags, "--out_dir", str(tmp_path / "eager"), torchrun=True)
+    run_script(*flags, "--compile", "--out_dir", str(tmp_path / "compiled"), torchrun=True)
+    assert losses(read_metrics(tmp_path / "compiled")) == pytest.approx(losses(read_metrics(tmp_path / "eager")),
+                                                                        rel=1e-3)
