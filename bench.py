@@ -39,8 +39,8 @@ import hf
 from checkpoint import load_model
 from data import LOADERS, DataError, accumulation_steps
 from model import GPT, PRESETS, preset_config
-from runtime import (OneLineParser, UserError, add_device_flags, build_training, optimizer_step, peak_memory_bytes,
-                     print_error, setup_runtime, shutdown)
+from runtime import (OneLineParser, UserError, add_device_flags, build_training, fraction, non_negative_int,
+                     optimizer_step, peak_memory_bytes, positive_int, print_error, setup_runtime, shutdown)
 
 
 def build_parser():
@@ -48,15 +48,15 @@ def build_parser():
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="gpt2-micro", choices=list(PRESETS), help="preset, as in train.py")
-    a("--n_layer", type=int, help="override the preset's number of layers")
-    a("--n_head", type=int, help="override the preset's number of attention heads")
-    a("--n_embd", type=int, help="override the preset's width")
-    a("--dropout", type=float, default=0.0, help="dropout probability")
+    a("--n_layer", type=positive_int, help="override the preset's number of layers")
+    a("--n_head", type=positive_int, help="override the preset's number of attention heads")
+    a("--n_embd", type=positive_int, help="override the preset's width")
+    a("--dropout", type=fraction, default=0.0, help="dropout probability")
     a("--dataset_type", default="text", choices=list(LOADERS), help="as in train.py")
     a("--dataset_path", default="input.txt", help="as in train.py")
-    a("--batch_size", type=int, default=4, help="sequences per micro-batch, per process")
-    a("--seq_len", type=int, help="tokens per sequence (default: the model's context)")
-    a("--total_batch_size", type=int, help="tokens per optimizer step, all processes and micro-steps together "
+    a("--batch_size", type=positive_int, default=4, help="sequences per micro-batch, per process")
+    a("--seq_len", type=positive_int, help="tokens per sequence (default: the model's context)")
+    a("--total_batch_size", type=positive_int, help="tokens per optimizer step, all processes and micro-steps together "
       "(default: batch_size * seq_len * processes, no gradient accumulation)")
     add_device_flags(p)
     a("--compile", action="store_true", help="torch.compile the model")
@@ -65,14 +65,15 @@ def build_parser():
     a("--fsdp", action="store_true", help="under torchrun, shard the model (FSDP2) instead of DDP, as in train.py")
     a("--activation_checkpointing", action="store_true", help="recompute activations in backward, as in train.py")
     a("--seed", type=int, default=1337, help="seeds the weights and the batches")
-    a("--steps", type=int, default=10, help="timed steps")
-    a("--warmup", type=int, default=3, help="untimed steps first (allocations, compilation, caches)")
+    a("--steps", type=positive_int, default=10, help="timed steps")
+    a("--warmup", type=non_negative_int, default=3, help="untimed steps first (allocations, compilation, caches)")
     a("--sample", action="store_true", help="benchmark decoding instead of training")
-    a("--memory_table", type=int, metavar="GPUS", help="print the estimated memory a GPU needs to train each GPT-2 "
-      "size on this many GPUs, at --batch_size x --seq_len (default 1024) tokens a micro-step, in bf16 (nothing runs)")
+    a("--memory_table", type=positive_int, metavar="GPUS", help="print the estimated memory a GPU needs to train "
+      "each GPT-2 size on this many GPUs, at --batch_size x --seq_len (default 1024) tokens a micro-step, in bf16 "
+      "(nothing runs)")
     a("--init_from", help="--sample: these weights (as train.py's --init_from) instead of random ones")
-    a("--prompt_tokens", type=int, default=32, help="--sample: prompt length")
-    a("--new_tokens", type=int, default=128, help="--sample: tokens generated per run")
+    a("--prompt_tokens", type=positive_int, default=32, help="--sample: prompt length")
+    a("--new_tokens", type=positive_int, default=128, help="--sample: tokens generated per run")
     return p
 
 
@@ -267,11 +268,6 @@ def exact_matmuls():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        for name in ("steps", "batch_size", "prompt_tokens", "new_tokens", "seq_len", "total_batch_size"):
-            if getattr(args, name) is not None and getattr(args, name) <= 0:
-                raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-        if args.warmup < 0:
-            raise UserError(f"--warmup must not be negative, got {args.warmup}")
         if args.fsdp and "WORLD_SIZE" not in os.environ:
             raise UserError("--fsdp shards the model over the processes of a torchrun job: launch bench.py with "
                             "torchrun --nproc_per_node=N")

@@ -16,11 +16,13 @@ import os
 import torch
 
 import hf
+from files import HOST, WriteError, describe_write_failure, write_atomically
 from model import GPT, GPTConfig
 from runtime import UserError, training_state
 
 CHECKPOINT = "ckpt.pt"
 METRICS = "metrics.jsonl"
+LOCK = ".lock"  # held by the run writing to the out_dir (claim_out_dir)
 
 
 def save_checkpoint(path, model, optimizer, scaler, step, args, write=True):
@@ -39,15 +41,14 @@ def save_checkpoint(path, model, optimizer, scaler, step, args, write=True):
         "step": step,
         "config": vars(args),
     }
-    tmp_path = path + ".tmp"
-    torch.save(state, tmp_path)
-    os.replace(tmp_path, path)
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, mmap=False):
-    """A checkpoint's dict, from its path or its out_dir. Tensors only: a checkpoint cannot run code when loaded.
-    mmap: map the file instead of reading it, so that only what is used is read (a look at the config is cheap
-    however big the model), and the processes of a node share one copy in the page cache."""
+    """A checkpoint's dict, from its path or its out_dir, its model config checked against its weights (see
+    checked_model). Tensors only: a checkpoint cannot run code when loaded. mmap: map the file instead of reading
+    it, so that only what is used is read (a look at the config is cheap however big the model), and the processes
+    of a node share one copy in the page cache."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     if not os.path.exists(path):
@@ -56,9 +57,58 @@ def load_checkpoint(path, mmap=False):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         if not isinstance(ckpt, dict) or not {"model", "model_config", "step", "config"} <= set(ckpt):
             raise ValueError("keys missing")
-        return ckpt
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or not a checkpoint")
+    ckpt["model"], ckpt["model_config"] = checked_model(ckpt["model"], ckpt["model_config"], path)
+    return ckpt
+
+
+# what a model's weights say of its shape (the head count they cannot tell)
+SHAPE_OF_WEIGHTS = {"vocab_size": ("transformer.wte.weight", 0), "n_embd": ("transformer.wte.weight", 1),
+                    "block_size": ("transformer.wpe.weight", 0)}
+
+
+def checked_model(weights, model_config, path):
+    """The checkpoint's weights and model config, made to fit each other where that is unambiguous, else refused
+    with one line: the prefixes of a compiled (_orig_mod.) or DDP-wrapped (module.) model are stripped; a field the
+    config lacks is taken from the weights where they tell it (sizes, layers, biases); a field this version does not
+    know, a size the weights contradict, or weights that are missing or extra for the config are refused."""
+    if not isinstance(weights, dict) or not isinstance(model_config, dict):
+        raise UserError(f"checkpoint {path} has no model config or no weights: it was not written by train.py")
+    weights = {strip_prefixes(name): tensor for name, tensor in weights.items()}
+    told = {name: weights[key].shape[dim] for name, (key, dim) in SHAPE_OF_WEIGHTS.items() if key in weights}
+    told["n_layer"] = len({name.split(".")[2] for name in weights if name.startswith("transformer.h.")})
+    told["bias"] = "transformer.ln_f.bias" in weights
+    fields = {field.name for field in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(model_config) - fields)
+    if unknown:
+        raise UserError(f"checkpoint {path} has model settings this version does not know ({', '.join(unknown)}): "
+                        f"it was written by another version of this repo")
+    config = {**{k: v for k, v in told.items() if k not in model_config}, **model_config}
+    if "n_head" not in config:
+        raise UserError(f"checkpoint {path} does not say its number of heads (n_head), which its weights cannot "
+                        f"tell: it was not written by train.py")
+    for name, value in told.items():
+        if config[name] != value:
+            raise UserError(f"checkpoint {path} is damaged: its config says {name}={config[name]}, its weights "
+                            f"have {value}")
+    try:
+        with torch.device("meta"):  # the names a model of this config has, for no memory
+            expected = set(GPT(GPTConfig(**config)).state_dict())
+    except (TypeError, ValueError) as e:
+        raise UserError(f"checkpoint {path} has an impossible model config: {e}")
+    if set(weights) != expected:
+        wrong = sorted(set(weights) ^ expected)
+        raise UserError(f"checkpoint {path} is damaged: its weights do not fit its config ({len(wrong)} names "
+                        f"missing or extra, e.g. {wrong[0]})")
+    return weights, config
+
+
+def strip_prefixes(name):
+    for prefix in ("_orig_mod.", "module."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
 
 
 def is_checkpoint(source):
@@ -84,6 +134,49 @@ def load_model(source, dropout=0.0):
         raise UserError(str(e))
 
 
+def claim_out_dir(out_dir):
+    """--out_dir for this run alone: created if needed, locked for as long as this process lives, and checked to be
+    writable before the first step (a run that could not save would lose its training at the first checkpoint).
+    The lock is advisory (flock on out_dir/.lock): a second run into the same out_dir is refused, whatever the
+    timing, and the operating system releases it when the process ends, however it ends, so a killed run never
+    leaves a lock that blocks --resume. Returns the lock's open file: closing it releases the lock."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, LOCK), "a+")
+    except OSError as e:
+        raise UserError(f"cannot create --out_dir {out_dir}: {e.strerror}")
+    try:
+        import fcntl  # POSIX; on Windows runs are not locked
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"--out_dir {out_dir} is in use by another run ({holder}): wait for it to end, or choose "
+                        f"another --out_dir")
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()} on {HOST}\n")
+        lock.flush()
+        for name in (CHECKPOINT, METRICS):
+            path = os.path.join(out_dir, name)
+            if os.path.exists(path) and not os.path.isfile(path):
+                raise UserError(f"{path} is not a file (a directory?): move it away or choose another --out_dir")
+        probe = os.path.join(out_dir, ".write-test")
+        write_atomically(probe, lambda f: f.write(b"ok"))
+        os.remove(probe)
+    except OSError as e:
+        lock.close()
+        raise WriteError(describe_write_failure(os.path.join(out_dir, LOCK), e))
+    except UserError:
+        lock.close()
+        raise
+    return lock
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per log line, flushed as it is written. On resume, records past the
     checkpoint's step (logged by the interrupted run after its last save) are dropped, so the file reads as one run.
@@ -102,15 +195,20 @@ class MetricsLog:
                             records.append(line)
                     except (ValueError, KeyError, TypeError):
                         pass  # a line cut short by the crash that interrupted the run
-        with open(path + ".tmp", "w") as f:
-            f.writelines(records)
-        os.replace(path + ".tmp", path)
-        self.file = open(path, "a")
+        write_atomically(path, lambda f: f.writelines(records), mode="w")
+        self.path = path
+        try:
+            self.file = open(path, "a")
+        except OSError as e:
+            raise WriteError(describe_write_failure(path, e))
 
     def write(self, record):
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as e:
+                raise WriteError(describe_write_failure(self.path, e))
 
     def close(self):
         if self.file is not None:

@@ -16,6 +16,8 @@ import re
 import numpy as np
 import torch
 
+from files import WriteError, write_atomically
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_FILE = os.path.join(HERE, "gpt2.tiktoken")  # GPT-2's 50,256 BPE ranks, shipped so no download is needed
 EOT_TOKEN = 50256  # <|endoftext|>
@@ -57,8 +59,14 @@ def read_text(path, kind="text file"):
         raise DataError(f"cannot read dataset file {path}: {e.strerror}")
     if not raw.strip():
         raise DataError(f"dataset file {path} is empty: it needs some text to train on")
+    # UTF-16 (Windows' "Unicode") is valid UTF-8 byte for byte when it is ASCII text with a NUL after each
+    # character: it would train, on noise. Text has no NUL bytes; a few percent of them is another encoding.
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw.count(b"\0") > len(raw) // 100:
+        raise DataError(f"dataset file {path} is not UTF-8 text (UTF-16, or binary: it has NUL bytes): convert it to "
+                        f"UTF-8, e.g. iconv -f UTF-16 -t UTF-8")
     try:
-        return raw, raw.decode("utf-8")
+        # a UTF-8 byte-order mark (Notepad, PowerShell) is not text: dropped
+        return raw, raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise DataError(f"dataset file {path} is not UTF-8 text (bad byte at offset {e.start}): convert it to UTF-8")
 
@@ -81,15 +89,10 @@ def load_text_tokens(path):
     except Exception:  # no cache yet, or an unreadable one (cut short, not a zip, fields missing): tokenize anew
         pass
     tokens = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
-    tmp_path = f"{cache_path}.{os.getpid()}.tmp"  # one per process: several ranks may write at once
-    try:
-        with open(tmp_path, "wb") as f:
-            np.savez(f, tokens=tokens, sha256=np.array(digest))
-        os.replace(tmp_path, cache_path)
-    except OSError:
-        # a read-only data folder only costs the caching
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    try:  # (several ranks may write it at once: each to a temporary of its own)
+        write_atomically(cache_path, lambda f: np.savez(f, tokens=tokens, sha256=np.array(digest)))
+    except WriteError:
+        pass  # a read-only or full data folder only costs the caching
     return tokens
 
 
@@ -393,9 +396,15 @@ class TokenStream:
     stream[i], which copy those tokens, across shard boundaries, into a np.uint16 array. ShardLoader.splits holds
     these, where TextLoader's holds arrays: code that takes len() and slices reads either."""
 
-    def __init__(self, shards):
-        self.shards = [s for s in shards if len(s)]
+    def __init__(self, shards, names=None):
+        kept = [(s, name) for s, name in zip(shards, names or [None] * len(shards)) if len(s)]
+        self.shards, self.names = [s for s, _ in kept], [name for _, name in kept]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # starts[k]: position of shards[k]'s first token
+
+    def locate(self, i):
+        """(the shard's name, the token's offset in it) of token i of the stream."""
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.names[k], int(i - self.starts[k])
 
     def __len__(self):
         return int(self.starts[-1])
@@ -476,7 +485,8 @@ class ShardLoader(Loader):
         if not found["train"] and not found["val"]:
             raise DataError(f"{path} holds no token shards (train_*.bin, val_*.bin): make them with "
                             f"python prepare.py INPUT... --out_dir {path}")
-        self.splits = {split: TokenStream([shard_tokens(os.path.join(path, name)) for _, name in sorted(shards)])
+        self.splits = {split: TokenStream([shard_tokens(os.path.join(path, name)) for _, name in sorted(shards)],
+                                          [os.path.join(path, name) for _, name in sorted(shards)])
                        for split, shards in found.items()}
         for split, tokens in self.splits.items():
             if len(tokens) < seq_len + 1:
@@ -496,7 +506,15 @@ class ShardLoader(Loader):
     def make_batch(self, split, windows):
         """(x, y) of shape (len(windows), seq_len), y being x shifted one token left."""
         tokens, L = self.splits[split], self.seq_len
-        window = torch.from_numpy(np.stack([tokens[w * L : (w + 1) * L + 1] for w in windows]).astype(np.int64))
+        rows = np.stack([tokens[w * L : (w + 1) * L + 1] for w in windows])
+        if rows.max() > EOT_TOKEN:
+            # a damaged shard (or one of another tokenizer) would crash the step far from the cause (on a GPU, as a
+            # device-side assert): checked here, cheaply next to the step, and named
+            row, column = np.argwhere(rows > EOT_TOKEN)[0]
+            name, offset = tokens.locate(int(windows[row]) * L + int(column))
+            raise DataError(f"{name} holds token id {rows[row, column]} at token {offset}, beyond GPT-2's vocabulary "
+                            f"(0 to {EOT_TOKEN}): the shard is damaged or of another tokenizer; rerun prepare.py")
+        window = torch.from_numpy(rows.astype(np.int64))
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 

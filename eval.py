@@ -22,7 +22,7 @@ import torch
 from checkpoint import is_checkpoint, load_checkpoint, load_model
 from data import IGNORE_INDEX, LOADERS, AlpacaLoader, DataError
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
-from runtime import OneLineParser, UserError, add_device_flags, print_error, setup_runtime
+from runtime import OneLineParser, UserError, add_device_flags, positive_int, print_error, setup_runtime
 
 
 def build_parser():
@@ -35,11 +35,11 @@ def build_parser():
       "text)")
     a("--dataset_path", help="as in train.py (default: the checkpoint's, else input.txt; 'none' skips the split)")
     a("--split", default="val", choices=["val", "train"], help="which split to evaluate")
-    a("--seq_len", type=int, help="tokens per window (default: the model's context)")
-    a("--batch_size", type=int, default=8, help="windows or examples per forward pass")
-    a("--max_tokens", type=int, help="stop after about this many predicted tokens (default: the whole split)")
+    a("--seq_len", type=positive_int, help="tokens per window (default: the model's context)")
+    a("--batch_size", type=positive_int, default=8, help="windows or examples per forward pass")
+    a("--max_tokens", type=positive_int, help="stop after about this many predicted tokens (default: the whole split)")
     a("--hellaswag_path", help="HellaSwag's hellaswag_val.jsonl, or 'download' (online)")
-    a("--hellaswag_limit", type=int, help="score only the first N items")
+    a("--hellaswag_limit", type=positive_int, help="score only the first N items")
     add_device_flags(p)
     return p
 
@@ -83,8 +83,6 @@ def evaluate_split(model, args, rt):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.batch_size <= 0 or (args.max_tokens is not None and args.max_tokens <= 0):
-            raise UserError("--batch_size and --max_tokens must be positive")
         saved = {}
         if is_checkpoint(args.init_from):
             saved = load_checkpoint(args.init_from, mmap=True)["config"]  # the run's own data, by default

@@ -57,6 +57,7 @@ def from_pretrained(name_or_dir, dropout=0.0):
 def save_pretrained(model, directory):
     """Write config.json and model.safetensors that transformers' GPT2LMHeadModel.from_pretrained loads."""
     try:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
     except ImportError:
         raise ValueError("writing Hugging Face weights needs safetensors: pip install safetensors")
@@ -82,11 +83,28 @@ def save_pretrained(model, directory):
     }
     os.makedirs(directory, exist_ok=True)
     # each file is written under a temporary name and renamed: an interrupted save leaves the old files whole
-    save_file(tensors, os.path.join(directory, "model.safetensors.tmp"), metadata={"format": "pt"})
+    weights = os.path.join(directory, "model.safetensors.tmp")
+    try:
+        save_file(tensors, weights, metadata={"format": "pt"})
+    except SafetensorError as e:  # how safetensors reports a failed write: "I/O error: ... (os error 28)"
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), weights) from None
+    # safetensors writes through a private temporary file of its own (mode 0600): give the weights the mode the
+    # umask gives the other files, so whoever can read config.json can read them too
+    os.chmod(weights, 0o666 & ~current_umask())
     with open(os.path.join(directory, "config.json.tmp"), "w") as f:
         json.dump(hf_config, f, indent=2)
     for name in ("model.safetensors", "config.json"):
         os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+
+
+def current_umask():
+    """The process umask, which only os.umask reports, by setting it: it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _download(name):

@@ -10,29 +10,49 @@ Needs matplotlib (pip install matplotlib), which nothing else in the repo does.
 import argparse
 import json
 import os
+import sys
 
 # one panel each: its title and the (metrics key, legend label) of each curve
 PANELS = [("loss", [("loss", "train"), ("val_loss", "val")]), ("learning rate", [("lr", "")]),
           ("tokens/s", [("tokens_per_sec", "")])]
 
 
+class OneLineParser(argparse.ArgumentParser):  # as runtime.py's; plot.py does not import torch
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def read_metrics(path):
+    """A run's records. A last line that is not a record was cut short by a kill (or is being written now): it is
+    skipped with a note. A bad line before it is damage, or another kind of file: refused, naming that line."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     try:
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        with open(path, "rb") as f:  # binary: only b"\n" ends a line (text mode also splits at "\r")
+            lines = [(lineno, line) for lineno, line in enumerate(f, 1) if line.strip()]
     except OSError as e:
         raise SystemExit(f"error: cannot read {path}: {e.strerror}")
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path} line {e.lineno} is not JSON: is it a metrics.jsonl?")
+    records = []
+    for lineno, line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a JSONDecodeError, or a UnicodeDecodeError
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
+            if lineno == lines[-1][0]:
+                print(f"note: {path}: skipped its last line, cut short (the run was interrupted while writing it)",
+                      file=sys.stderr)
+                break
+            raise SystemExit(f"error: {path} line {lineno} is not a metrics record (JSON with a step): is it a "
+                             f"metrics.jsonl? Fix or remove that line")
+        records.append(record)
     if not records:
         raise SystemExit(f"error: {path} holds no records yet")
     return path, records
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = OneLineParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("runs", nargs="+", help="metrics.jsonl files or the out_dirs holding them")
     p.add_argument("--out", help="the PNG to write (default: metrics.png beside the first run's metrics)")
     args = p.parse_args(argv)
@@ -60,7 +80,12 @@ def main(argv=None):
             ax.legend()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(runs[0][0])), "metrics.png")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {out}: {e.strerror or e}")
+    except ValueError as e:  # an --out suffix matplotlib cannot write: its message lists those it can
+        raise SystemExit(f"error: cannot write {out}: {e}")
     print(f"wrote {out}")
 
 

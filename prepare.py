@@ -12,13 +12,16 @@ rest the training split (train_000000.bin, ...). A shard is in llm.c's format, 2
 token count, zeros) then the tokens as uint16: llm.c reads these shards, and data.ShardLoader reads llm.c's.
 
 Memory stays flat: documents are streamed, tokenized by --workers processes, written in order (the same shards
-whatever the number of workers), each shard to a temporary file renamed into place when full. OUT_DIR/manifest.json,
-rewritten after each shard, records what each complete shard took from the input stream: rerunning the command (after
-a crash, Ctrl-C or a damaged shard) checks the complete shards, skips their documents untokenized and carries on from
-the first missing or damaged one.
+whatever the number of workers), each shard to a temporary file synced to the disk and renamed into place when full.
+OUT_DIR/manifest.json records what each complete shard took from the input stream. It is written as a run's first
+new shard starts and at the run's end; in between, each complete shard is a line appended to OUT_DIR/journal.jsonl,
+so that a shard costs the same however many came before (rewriting the manifest after each would cost them all).
+Rerunning the command (after a crash, Ctrl-C or a damaged shard) removes the temporaries a killed run left, checks
+the complete shards, skips their documents untokenized and carries on from the first missing or damaged one.
 """
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import itertools
@@ -44,11 +47,27 @@ TEXT_PIECE = 1 << 20  # characters: a longer text file is read, and tokenized, i
 PIECE_END = re.compile(r"\n(?=\S)")
 TASK_CHARS = 1 << 20  # characters of text sent to a worker at a time
 MANIFEST = "manifest.json"
+JOURNAL = "journal.jsonl"  # a line per shard completed since manifest.json was last written
+MIN_SHARD_TOKENS = 1000  # smaller shards would split a corpus into absurdly many files
+MAX_SHARD_TOKENS = 2**31 - 1  # a shard's header counts its tokens in an int32
 
 
 class OneLineParser(argparse.ArgumentParser):  # as train.py's; prepare.py does not import the trainer
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def bounded_int(low, high=None, why=""):
+    """An argparse type: an integer from low to high, so that a senseless value is refused before any work."""
+    def parse(text):
+        value = int(text)  # not an integer: argparse says "invalid int value"
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low:,} to {high:,}" if high is not None else f"at least {low:,}"
+            raise argparse.ArgumentTypeError(f"{value:,} is not {bounds}{why}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 def build_parser():
@@ -60,10 +79,12 @@ def build_parser():
       "pyarrow), or folders of these (searched recursively, in path order; hidden and other files skipped)")
     a("--out_dir", required=True, help="where the shards and manifest.json go")
     a("--text_field", default="text", help="the JSONL field or Parquet column (or Hugging Face column) of the text")
-    a("--shard_tokens", type=int, default=100_000_000, help="tokens per shard, 2 bytes each")
-    a("--val_tokens", type=int, default=10_000_000, help="the first this many tokens are the validation split; "
-      "for a corpus under a billion tokens, about 1%% of it")
-    a("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
+    a("--shard_tokens", type=bounded_int(MIN_SHARD_TOKENS, MAX_SHARD_TOKENS, ": smaller shards would split a corpus "
+      "into absurdly many files, and a shard's header counts its tokens in an int32"), default=100_000_000,
+      help="tokens per shard, 2 bytes each")
+    a("--val_tokens", type=bounded_int(0, why=" (0: no validation split)"), default=10_000_000,
+      help="the first this many tokens are the validation split; for a corpus under a billion tokens, about 1%% of it")
+    a("--workers", type=bounded_int(1), default=os.cpu_count() or 1, help="tokenizing processes")
     a("--overwrite", action="store_true", help="delete the shards and manifest in --out_dir and start afresh")
     a("--hf_dataset", help="instead of INPUTs, stream this Hugging Face dataset (needs `pip install datasets`)")
     a("--hf_config", help="the dataset's configuration, e.g. sample-10BT")
@@ -205,28 +226,69 @@ def encoded(stream, workers):
             yield in_flight.popleft().get()
 
 
+def write_error(path, e):
+    """An OSError while writing (a read-only folder, no permission, a full disk) as the one line the user sees."""
+    return DataError(f"cannot write {path}: {e.strerror or e} (make room on the disk or pass an --out_dir you can "
+                     f"write to, then rerun: the same command keeps the complete shards)")
+
+
+def remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise write_error(path, e)
+
+
+def remove_quietly(path):
+    with contextlib.suppress(OSError):  # gone already, or a write failed first: that error is the one to report
+        os.remove(path)
+
+
+def synced(file):
+    """Flush file's bytes to the disk: a file renamed into place, or a journal line, then survives a power cut."""
+    file.flush()
+    os.fsync(file.fileno())
+
+
 class Shard:
     """A shard being written: a temporary file beside its final name, renamed into place once complete."""
 
     def __init__(self, out_dir, name, capacity):
         self.name, self.path, self.capacity, self.count = name, os.path.join(out_dir, name), capacity, 0
-        self.file = open(self.path + ".tmp", "wb")
-        self.file.write(bytes(SHARD_HEADER_BYTES))  # written properly by close(), once the count is known
+        self.file = None
+        with self.failing_cleanly():
+            self.file = open(self.path + ".tmp", "wb")
+            self.file.write(bytes(SHARD_HEADER_BYTES))  # written properly by close(), once the count is known
 
     def write(self, tokens):
-        self.file.write(tokens.astype("<u2", copy=False).tobytes())
+        with self.failing_cleanly():
+            self.file.write(tokens.astype("<u2", copy=False).tobytes())
         self.count += len(tokens)
 
     def close(self):
-        self.file.seek(0)
-        self.file.write(np.array([SHARD_MAGIC, SHARD_VERSION, self.count], dtype="<i4").tobytes())
-        self.file.close()
-        os.replace(self.path + ".tmp", self.path)
+        with self.failing_cleanly():
+            self.file.seek(0)
+            self.file.write(np.array([SHARD_MAGIC, SHARD_VERSION, self.count], dtype="<i4").tobytes())
+            synced(self.file)
+            self.file.close()
+            os.replace(self.path + ".tmp", self.path)
         return {"file": self.name, "tokens": self.count, "bytes": SHARD_HEADER_BYTES + 2 * self.count}
 
     def abort(self):
-        self.file.close()
-        os.remove(self.path + ".tmp")
+        if self.file is not None:
+            with contextlib.suppress(OSError):  # its buffer may not fit on a full disk: the file closes anyway
+                self.file.close()
+        remove_quietly(self.path + ".tmp")
+
+    @contextlib.contextmanager
+    def failing_cleanly(self):
+        try:
+            yield
+        except OSError as e:
+            self.abort()
+            raise write_error(self.path, e)
 
 
 def shard_name_and_size(k, args):
@@ -238,22 +300,88 @@ def shard_name_and_size(k, args):
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            synced(f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        remove_quietly(path + ".tmp")
+        raise write_error(path, e)
+
+
+class Journal:
+    """What the complete shards took from the input stream, kept on the disk at a constant cost per shard: each is a
+    line appended to journal.jsonl and synced, where rewriting manifest.json would cost all the shards before it.
+    The manifest is written twice a run: as the first new shard starts, and whole at the end."""
+
+    def __init__(self, out_dir, config, shards):
+        self.path, self.manifest_path, self.file = os.path.join(out_dir, JOURNAL), os.path.join(out_dir, MANIFEST), None
+        self.manifest = {"config": config, "shards": shards, "done": False}
+
+    def open(self):
+        """Before each new shard. The first time, manifest.json with the shards so far and "done": false, then an
+        empty journal: no shard is renamed into place unless a manifest says what it was made from."""
+        if self.file is None:
+            write_json(self.manifest_path, self.manifest)
+            try:
+                self.file = open(self.path, "w", encoding="utf-8")
+            except OSError as e:
+                raise write_error(self.path, e)
+
+    def append(self, shard):
+        try:
+            self.file.write(json.dumps(shard) + "\n")
+            synced(self.file)
+        except OSError as e:
+            raise write_error(self.path, e)
+        self.manifest["shards"].append(shard)
+
+    def finish(self):
+        self.manifest["done"] = True
+        write_json(self.manifest_path, self.manifest)
+        self.close()
+        remove(self.path)  # all in the manifest now
+
+    def close(self):
+        if self.file is not None:
+            with contextlib.suppress(OSError):  # each line was synced: nothing is lost
+                self.file.close()
+
+
+def journaled(manifest, path, args):
+    """The manifest's shards, then those journal.jsonl adds. A journal line is taken only if it is the next shard
+    in the stream: a line cut short by a crash ends the journal (that shard is redone), and a line for a shard the
+    manifest already holds (a crash between writing the manifest and emptying the journal) is the same record."""
+    shards = list(manifest["shards"])
+    try:
+        with open(path, "rb") as f:  # binary: only b"\n" ends a line
+            for line in f:
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("file") == shard_name_and_size(len(shards), args)[0]:
+                    shards.append(record)
+    except (OSError, ValueError):  # no journal, or the rest of it cut short
+        pass
+    return shards
+
+
+def is_ours(name):
+    """A shard, the manifest, the journal, or the temporary of one of them."""
+    name = name.removesuffix(".tmp")
+    return bool(SHARD_NAME.search(name)) or name in (MANIFEST, JOURNAL)
 
 
 def complete_shards(args, config):
     """The manifest's shards that are still whole (all of them, or up to the first missing or damaged one), and
     whether the manifest says the stream ended. Refuses a folder of other inputs or options."""
-    names = os.listdir(args.out_dir) if os.path.isdir(args.out_dir) else []
-    if args.overwrite:
-        for name in names:
-            if SHARD_NAME.search(name) or name.endswith(".tmp") or name == MANIFEST:
-                os.remove(os.path.join(args.out_dir, name))
+    try:
+        names = os.listdir(args.out_dir) if os.path.isdir(args.out_dir) else []
+    except OSError as e:
+        raise DataError(f"cannot read {args.out_dir}: {e.strerror}: pass a folder you can read and write as --out_dir")
+    if args.overwrite or not any(SHARD_NAME.search(name) for name in names):
+        for name in filter(is_ours, names):  # all of them, or what a run that completed no shard left: none to keep
+            remove(os.path.join(args.out_dir, name))
         return [], False
-    if not any(SHARD_NAME.search(name) or name == MANIFEST for name in names):
-        return [], False  # a fresh folder (a leftover .tmp is simply written over)
     path = os.path.join(args.out_dir, MANIFEST)
     try:
         with open(path, encoding="utf-8") as f:
@@ -265,6 +393,10 @@ def complete_shards(args, config):
         changed = sorted({"inputs (or inputs edited since)" if k.startswith("inputs") else f"--{k}" for k in changed})
         why = f"made with other {', '.join(changed)}" if manifest else f"but no readable {MANIFEST}"
         raise DataError(f"{args.out_dir} holds shards {why}: use a fresh --out_dir, or --overwrite to replace them")
+    for name in names:  # temporaries a killed run left (this command, with these inputs and options)
+        if name.endswith(".tmp") and is_ours(name):
+            remove(os.path.join(args.out_dir, name))
+    manifest["shards"] = journaled(manifest, os.path.join(args.out_dir, JOURNAL), args)
     done = []
     for shard in manifest["shards"]:
         try:
@@ -278,8 +410,6 @@ def complete_shards(args, config):
 
 
 def prepare(args):
-    if args.shard_tokens < 1 or args.val_tokens < 0 or args.workers < 1:
-        raise DataError("--shard_tokens and --workers must be at least 1, --val_tokens at least 0")
     if not args.inputs and not args.hf_dataset:
         raise DataError("no inputs: pass text, JSONL or Parquet files or folders of them, or --hf_dataset NAME")
     if args.inputs and args.hf_dataset:
@@ -299,12 +429,16 @@ def prepare(args):
         stream = pieces(files, args.text_field)
     shards, finished = complete_shards(args, config)
     if finished:
+        remove(os.path.join(args.out_dir, JOURNAL))  # all in the manifest: a kill at the very end left it
         print(f"{args.out_dir}: all {len(shards)} shards are already complete", file=sys.stderr)
         return
-    os.makedirs(args.out_dir, exist_ok=True)
-    # Written as each shard completes. A shard's entry: file, tokens, bytes, and where the stream stands after it:
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise write_error(args.out_dir, e)
+    # Extends shards as each completes. A shard's entry: file, tokens, bytes, and where the stream stands after it:
     # "pieces" it and the shards before hold whole, "skip_tokens" they hold of the next one (a straddling document).
-    manifest = {"config": config, "shards": shards, "done": False}
+    journal = Journal(args.out_dir, config, shards)
     # Resume: skip the pieces the complete shards hold whole, then the tokens they hold of the next one.
     n_pieces, discard = (shards[-1]["pieces"], shards[-1]["skip_tokens"]) if shards else (0, 0)
     if shards:
@@ -316,6 +450,7 @@ def prepare(args):
             discard -= used
             while used < len(tokens):
                 if shard is None:
+                    journal.open()
                     shard = Shard(args.out_dir, *shard_name_and_size(len(shards), args))
                 take = min(len(tokens) - used, shard.capacity - shard.count)
                 shard.write(tokens[used : used + take])
@@ -323,9 +458,9 @@ def prepare(args):
                 if shard.count == shard.capacity:  # record the pieces it holds whole, and its part of the next
                     whole = int(np.searchsorted(ends, used, side="right"))
                     skip = used - int(ends[whole - 1]) if whole else used
-                    shards.append({**shard.close(), "pieces": n_pieces + whole, "skip_tokens": skip})
+                    record = {**shard.close(), "pieces": n_pieces + whole, "skip_tokens": skip}
                     shard = None
-                    write_json(os.path.join(args.out_dir, MANIFEST), manifest)
+                    journal.append(record)
             n_pieces += len(lengths)
             n_docs += int((tokens == EOT_TOKEN).sum())  # encode_ordinary never makes it: one per document
             n_tokens += len(tokens)
@@ -339,6 +474,7 @@ def prepare(args):
     finally:
         if shard is not None:
             shard.abort()
+        journal.close()
         if shown:
             print(file=sys.stderr)
     n_val = sum(s["tokens"] for s in shards if s["file"].startswith("val"))
@@ -348,8 +484,7 @@ def prepare(args):
     if n_train == 0:
         raise DataError(f"the inputs hold {n_val} tokens, all of them taken by the validation split (--val_tokens "
                         f"{args.val_tokens}): rerun with a smaller --val_tokens and --overwrite")
-    manifest["done"] = True
-    write_json(os.path.join(args.out_dir, MANIFEST), manifest)
+    journal.finish()
     print(f"{args.out_dir}: {len(shards)} shards, {n_val:,} validation and {n_train:,} training tokens",
           file=sys.stderr)
 

@@ -15,6 +15,7 @@ import ctypes
 import dataclasses
 import datetime
 import gc
+import math
 import os
 import sys
 import time
@@ -31,6 +32,30 @@ class UserError(Exception):
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # argparse's default prints the whole usage first; one line says it better
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# Types for numeric flags, so that a bad value is refused as the command line is read, in argparse's one line
+# ("argument --seq_len: must be a positive integer, got -5"), in every script alike.
+
+
+def number_type(kind, check, wanted):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        if not (math.isfinite(value) and check(value)):  # nan and inf are floats too
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+    return parse
+
+
+positive_int = number_type(int, lambda v: v > 0, "a positive integer")
+non_negative_int = number_type(int, lambda v: v >= 0, "an integer, 0 or more")
+positive_float = number_type(float, lambda v: v > 0, "a positive number")
+non_negative_float = number_type(float, lambda v: v >= 0, "a number, 0 or more")
+fraction = number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+probability = number_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def add_device_flags(parser):

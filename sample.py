@@ -21,7 +21,8 @@ import torch
 from checkpoint import load_model
 from data import EOT_TOKEN, alpaca_prompt, get_tokenizer
 from model import GPT
-from runtime import OneLineParser, UserError, add_device_flags, print_error, setup_runtime
+from runtime import (OneLineParser, UserError, add_device_flags, non_negative_float, non_negative_int, positive_int,
+                     print_error, probability, setup_runtime)
 
 
 def build_parser():
@@ -35,12 +36,12 @@ def build_parser():
     a("--instruction", help="for models fine-tuned on Alpaca data: wrap this (and --input) in the Alpaca template "
       "the model was trained with, and print only the response")
     a("--input", default="", help="with --instruction: the context of the task, if any")
-    a("--max_new_tokens", type=int, default=200, help="tokens to generate per sample, at most")
-    a("--temperature", type=float, default=0.8, help="below 1 sharpens, above 1 flattens; 0 is greedy")
-    a("--top_k", type=int, default=200, help="sample only among the k most likely tokens (0: all)")
-    a("--top_p", type=float, default=1.0, help="sample only among the most likely tokens that make up this "
+    a("--max_new_tokens", type=positive_int, default=200, help="tokens to generate per sample, at most")
+    a("--temperature", type=non_negative_float, default=0.8, help="below 1 sharpens, above 1 flattens; 0 is greedy")
+    a("--top_k", type=non_negative_int, default=200, help="sample only among the k most likely tokens (0: all)")
+    a("--top_p", type=probability, default=1.0, help="sample only among the most likely tokens that make up this "
       "probability (nucleus sampling; 1: all)")
-    a("--num_samples", type=int, default=1, help="samples to draw, one after the other")
+    a("--num_samples", type=positive_int, default=1, help="samples to draw, one after the other")
     a("--seed", type=int, default=1337, help="seeds the sampling: the same seed gives the same samples")
     add_device_flags(p)
     return p
@@ -64,10 +65,6 @@ def check_args(args):
         raise UserError("--prompt and --instruction exclude each other: --instruction builds the prompt")
     if args.input and args.instruction is None:
         raise UserError("--input goes with --instruction")
-    if args.max_new_tokens <= 0 or args.num_samples <= 0:
-        raise UserError("--max_new_tokens and --num_samples must be positive")
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise UserError("--temperature and --top_k must not be negative, and --top_p must be in (0, 1]")
 
 
 def stream_sample(model: GPT, prompt_tokens, args, rt, generator):

@@ -12,6 +12,7 @@ model.py, checkpoint.py, evaluation.py.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -21,12 +22,13 @@ import sys
 import numpy as np
 import torch
 
-from checkpoint import CHECKPOINT, METRICS, MetricsLog, load_checkpoint, load_model, save_checkpoint
+from checkpoint import CHECKPOINT, METRICS, MetricsLog, claim_out_dir, load_checkpoint, load_model, save_checkpoint
 from data import EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, Loader, accumulation_steps, get_tokenizer
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
 from model import GPT, PRESETS, GPTConfig, preset_config
 from runtime import (OneLineParser, Runtime, Throughput, UserError, add_device_flags, agrees_with_rank0, build_training,
-                     join_job, optimizer_step, print_error, setup_runtime, shutdown)
+                     fraction, join_job, non_negative_float, non_negative_int, optimizer_step, positive_float,
+                     positive_int, print_error, setup_runtime, shutdown)
 
 DEFAULT_MODEL = "gpt2-micro"
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
@@ -44,22 +46,23 @@ def build_parser():
     a("--init_from", help="start from these weights instead of random ones, taking the model's shape from them: "
       "a checkpoint (out/ckpt.pt or its directory), a Hugging Face GPT-2 directory, or gpt2, gpt2-medium, ... "
       "(downloaded when online)")
-    a("--n_layer", type=int, help="override the preset's number of layers")
-    a("--n_head", type=int, help="override the preset's number of attention heads")
-    a("--n_embd", type=int, help="override the preset's width")
-    a("--dropout", type=float, default=0.0, help="dropout probability")
-    a("--batch_size", type=int, default=4, help="sequences per micro-batch, per process")
-    a("--seq_len", type=int, help="tokens per sequence (default: the model's context)")
-    a("--total_batch_size", type=int, help="tokens per optimizer step, all processes and micro-steps together "
+    a("--n_layer", type=positive_int, help="override the preset's number of layers")
+    a("--n_head", type=positive_int, help="override the preset's number of attention heads")
+    a("--n_embd", type=positive_int, help="override the preset's width")
+    a("--dropout", type=fraction, default=0.0, help="dropout probability")
+    a("--batch_size", type=positive_int, default=4, help="sequences per micro-batch, per process")
+    a("--seq_len", type=positive_int, help="tokens per sequence (default: the model's context)")
+    a("--total_batch_size", type=positive_int, help="tokens per optimizer step, all processes and micro-steps together "
       "(default: batch_size * seq_len * processes, no gradient accumulation)")
-    a("--max_steps", type=int, default=320, help="optimizer steps to train for")
-    a("--warmup_steps", type=int, default=20, help="steps of linear warmup from 0 to max_lr")
-    a("--max_lr", type=float, default=2e-3, help="peak learning rate")
-    a("--min_lr", type=float, help="learning rate at max_steps, after cosine decay (default: max_lr / 10)")
-    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay, on matrices and embeddings only")
-    a("--beta1", type=float, default=0.9, help="AdamW beta1")
-    a("--beta2", type=float, default=0.95, help="AdamW beta2")
-    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    a("--max_steps", type=positive_int, default=320, help="optimizer steps to train for")
+    a("--warmup_steps", type=non_negative_int, default=20, help="steps of linear warmup from 0 to max_lr")
+    a("--max_lr", type=positive_float, default=2e-3, help="peak learning rate")
+    a("--min_lr", type=non_negative_float, help="learning rate at max_steps, after cosine decay (default: max_lr / 10)")
+    a("--weight_decay", type=non_negative_float, default=0.1, help="AdamW weight decay, on matrices and "
+      "embeddings only")
+    a("--beta1", type=fraction, default=0.9, help="AdamW beta1")
+    a("--beta2", type=fraction, default=0.95, help="AdamW beta2")
+    a("--grad_clip", type=non_negative_float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     add_device_flags(p)
     a("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
     a("--reduce_dtype", default="float32", choices=["float32", "bfloat16"], help="under torchrun, the dtype in which "
@@ -73,14 +76,14 @@ def build_parser():
       "a third more compute")
     a("--seed", type=int, default=1337, help="seeds the initialisation, the batches and dropout")
     a("--out_dir", default="out", help="where ckpt.pt and metrics.jsonl go")
-    a("--log_interval", type=int, default=10, help="log every this many steps")
-    a("--eval_interval", type=int, default=50, help="validation loss every this many steps, and at the end")
-    a("--eval_steps", type=int, default=10, help="global batches of validation data per evaluation")
-    a("--save_interval", type=int, default=200, help="checkpoint every this many steps, and at the end")
+    a("--log_interval", type=positive_int, default=10, help="log every this many steps")
+    a("--eval_interval", type=positive_int, default=50, help="validation loss every this many steps, and at the end")
+    a("--eval_steps", type=positive_int, default=10, help="global batches of validation data per evaluation")
+    a("--save_interval", type=positive_int, default=200, help="checkpoint every this many steps, and at the end")
     a("--hellaswag_path", help="HellaSwag's hellaswag_val.jsonl, or 'download' (online): its accuracy is logged "
       "every --hellaswag_interval steps and at the end")
-    a("--hellaswag_interval", type=int, default=1000, help="steps between HellaSwag evaluations")
-    a("--sample_tokens", type=int, default=200, help="length of the sample printed at the end (0: none)")
+    a("--hellaswag_interval", type=positive_int, default=1000, help="steps between HellaSwag evaluations")
+    a("--sample_tokens", type=non_negative_int, default=200, help="length of the sample printed at the end (0: none)")
     a("--resume", action="store_true", help="continue the run in --out_dir from its ckpt.pt, with its saved config")
     a("--overwrite", action="store_true", help="start afresh even if --out_dir holds a checkpoint, replacing it")
     return p
@@ -91,18 +94,7 @@ def build_parser():
 
 
 def check_args(args):
-    for name in ("batch_size", "max_steps", "log_interval", "eval_interval", "eval_steps", "save_interval",
-                 "hellaswag_interval"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("n_layer", "n_head", "n_embd", "seq_len", "total_batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("warmup_steps", "sample_tokens"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.max_lr <= 0 or args.weight_decay < 0 or args.grad_clip < 0:
-        raise UserError("--max_lr must be positive, --weight_decay and --grad_clip not negative")
+    """What the flags' types cannot check alone (each number is checked as the command line is read)."""
     if args.fsdp and "WORLD_SIZE" not in os.environ:
         raise UserError("--fsdp shards the model over the processes of a torchrun job: launch it with torchrun "
                         "--nproc_per_node=N train.py ... (one process keeps the whole model anyway: drop --fsdp)")
@@ -184,8 +176,15 @@ def prepare_resume(args, given):
     if saved.fsdp and "WORLD_SIZE" not in os.environ and "fsdp" not in given:
         print("--resume: the run was sharded (--fsdp); this one process goes on with the whole model", file=sys.stderr)
         saved.fsdp = False
-    if saved.max_steps < ckpt["step"]:
-        raise UserError(f"--max_steps {saved.max_steps} is before the checkpoint's step {ckpt['step']}")
+    step = ckpt["step"]
+    if saved.max_steps <= step:
+        raise UserError(f"--max_steps {saved.max_steps} is not beyond the checkpoint's step {step}: nothing to "
+                        f"train; give a larger --max_steps to go on")
+    if saved.max_steps != ckpt["config"]["max_steps"]:  # the cosine decay stretches or shrinks from here on
+        before = argparse.Namespace(**{**vars(saved), "max_steps": ckpt["config"]["max_steps"]})
+        print(f"--resume: the learning rate now decays to {saved.min_lr:.2e} at step {saved.max_steps} instead of "
+              f"{before.max_steps}: {get_lr(step, before):.2e} at step {step}, {get_lr(step + 1, saved):.2e} at "
+              f"step {step + 1}", file=sys.stderr)
     return saved, ckpt
 
 
@@ -242,6 +241,7 @@ class Run:
     hellaswag_items: list  # None: no HellaSwag
     ckpt_path: str
     metrics: MetricsLog
+    out_dir_lock: object  # rank 0: the open lock file of --out_dir (closing it releases the out_dir); else None
 
 
 def setup(args, given):
@@ -285,27 +285,33 @@ def setup(args, given):
     start_step = ckpt["step"] if ckpt is not None else 0
     del ckpt, init_model  # the loaded tensors are in the model and optimizer now
 
-    metrics = MetricsLog(None)
+    # the out_dir, for this run alone (rank 0 writes; every rank stops if it cannot)
+    lock, metrics, error = None, MetricsLog(None), None
     if rt.master:
         try:
-            os.makedirs(args.out_dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create --out_dir {args.out_dir}: {e.strerror}")
-        metrics = MetricsLog(os.path.join(args.out_dir, METRICS), start_step if args.resume else None)
+            lock = claim_out_dir(args.out_dir)
+            metrics = MetricsLog(os.path.join(args.out_dir, METRICS), start_step if args.resume else None)
+        except UserError as e:
+            error = e
+            if lock is not None:
+                lock.close()
+    if rt.any_rank(error is not None):
+        raise error or UserError(f"rank 0 cannot use --out_dir {args.out_dir} (its message says why)")
+    if rt.master:
         name = f"from {args.init_from}" if args.init_from else args.model
         print(f"model {name}: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
               f"{cfg.n_head} heads, {cfg.n_embd} wide | {rt.device} {str(rt.dtype).removeprefix('torch.')} | "
               f"{rt.world_size} process(es) x {accum_steps} micro-step(s) x {args.batch_size} x {args.seq_len} = "
               f"{args.total_batch_size} tokens/step | steps {start_step} -> {args.max_steps}")
     return Run(args, rt, loader, accum_steps, model, raw_model, optimizer, scaler, start_step, hellaswag_items,
-               os.path.join(args.out_dir, CHECKPOINT), metrics)
+               os.path.join(args.out_dir, CHECKPOINT), metrics, lock)
 
 
 def train(run):
     """The loop: a step, then what the step is due for: stopping on a signal, logging, evaluation, a checkpoint."""
     args, rt = run.args, run.rt
     speed = Throughput(run.raw_model.flops_per_token(args.seq_len), rt, run.start_step)
-    with run.metrics, StopSignal(rt) as stop_signal:
+    with run.out_dir_lock or contextlib.nullcontext(), run.metrics, StopSignal(rt) as stop_signal:
         for step in range(run.start_step + 1, args.max_steps + 1):  # step: the number of this update, 1-based
             # ---- the step
             lr, loss_sum, grad_norm, tokens = train_step(run.model, run.optimizer, run.scaler, run.loader, step,

@@ -125,7 +125,9 @@ def test_batch_rows_partition_the_global_batch():
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "does not exist"), (b"", "is empty"), (b"  \n", "is empty"), (b"caf\xe9 latin-1", "not UTF-8")],
+    [(None, "does not exist"), (b"", "is empty"), (b"  \n", "is empty"), (b"caf\xe9 latin-1", "not UTF-8"),
+     ("To be, or not to be".encode("utf-16-le"), "UTF-16"),  # no byte-order mark: valid UTF-8, NULs between letters
+     ("To be, or not to be".encode("utf-16"), "UTF-16"), (b"\0" * 1000 + b"text", "NUL bytes")],
 )
 def test_unusable_dataset_files_are_named(tmp_path, content, message):
     path = tmp_path / "data.txt"
@@ -370,3 +372,10 @@ def test_a_text_too_big_for_memory_in_every_process_points_to_prepare_py(small_t
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     with pytest.raises(DataError, match=r"too big for text mode.*8 process.*prepare\.py .* --dataset_type shards"):
         load_text_tokens(small_text)
+
+
+def test_an_alpaca_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "records.json"  # as Notepad and PowerShell write UTF-8
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": "Add 2 and 2.", "output": "4"}] * 40).encode())
+    loader = AlpacaLoader(str(path), seq_len=64, batch_size=2, accum_steps=1)
+    assert loader.n_records == 40

@@ -1,4 +1,5 @@
 import argparse
+import errno
 import json
 import os
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 import export
+import hf
 from checkpoint import save_checkpoint
 from conftest import REPO
 from data import get_tokenizer
@@ -14,19 +16,55 @@ from model import GPT, GPTConfig
 transformers = pytest.importorskip("transformers")
 
 
-def test_an_exported_checkpoint_loads_in_transformers_with_our_logits_and_tokenizer(tmp_path, capsys):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
-    save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()),
-                    torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace())
-    export.main(["--init_from", str(tmp_path), "--out_dir", str(tmp_path / "hf")])
-    assert "wrote" in capsys.readouterr().out
+EXPORTED = {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"}
 
-    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+
+def tiny_checkpoint(directory, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
+    directory.mkdir(exist_ok=True)
+    save_checkpoint(str(directory / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()),
+                    torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace())
+    return model
+
+
+def assert_same_logits(model, directory):
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(directory)).eval()
     idx = torch.randint(0, 50257, (2, 32))
     with torch.no_grad():
         ours, _ = model(idx, torch.zeros_like(idx))
         assert (theirs(idx).logits - ours).abs().max().item() < 1e-4
+
+
+def contents(directory):
+    """Every file under directory, with its bytes: what a refused or failed export must leave as it was."""
+    return {os.path.relpath(os.path.join(root, name), directory): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(directory) for name in names}
+
+
+def another_models_export(directory):
+    """A directory as an earlier export of another model, or transformers' save_pretrained, may leave it."""
+    torch.manual_seed(1)
+    hf.save_pretrained(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)), str(directory))
+    (directory / "tokenizer.json").write_text('{"stale": "a tokenizer AutoTokenizer would prefer"}')
+    (directory / "generation_config.json").write_text('{"max_length": 7}')
+    torch.save({"wte.weight": torch.zeros(3, 3)}, directory / "pytorch_model.bin")
+
+
+def export_fails(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    return err
+
+
+def test_an_exported_checkpoint_loads_in_transformers_with_our_logits_and_tokenizer(tmp_path, capsys):
+    model = tiny_checkpoint(tmp_path)
+    export.main(["--init_from", str(tmp_path), "--out_dir", str(tmp_path / "hf")])
+    assert "wrote" in capsys.readouterr().out
+    assert_same_logits(model, tmp_path / "hf")
 
     # the tokenizer written from the repo's gpt2.tiktoken is GPT-2's: same ids as ours on any text
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
@@ -42,3 +80,74 @@ def test_export_of_a_missing_run_is_a_one_line_error(tmp_path, capsys):
         export.main(["--init_from", str(tmp_path / "nothing"), "--out_dir", str(tmp_path / "hf")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("case", ["another_model", "subdirectory", "the_checkpoint_itself"])
+def test_export_refuses_a_directory_it_would_mix_with_or_lose_data_from_and_leaves_it_untouched(
+        tmp_path, capsys, case):
+    tiny_checkpoint(tmp_path / "run")
+    out = tmp_path / "hf"
+    if case == "another_model":  # without --overwrite: its stale files would win over the export's
+        another_models_export(out)
+        flags = []
+    elif case == "subdirectory":  # --overwrite deletes files, not a directory that may be someone's data
+        another_models_export(out)
+        (out / "data").mkdir()
+        (out / "data" / "notes.txt").write_text("mine")
+        flags = ["--overwrite"]
+    else:  # --overwrite into the run's own out_dir would delete the checkpoint being exported
+        out = tmp_path / "run"
+        flags = ["--overwrite"]
+    before = contents(out)
+    err = export_fails(["--init_from", str(tmp_path / "run"), "--out_dir", str(out), *flags], capsys)
+    assert str(out) in err and "--overwrite" in err
+    assert contents(out) == before
+    assert sorted(os.listdir(tmp_path)) == sorted({"run", out.name})  # no temporary directory either
+
+
+def test_export_with_overwrite_leaves_only_its_own_files_and_loads_with_our_logits(tmp_path, capsys):
+    model = tiny_checkpoint(tmp_path / "run")
+    out = tmp_path / "exports" / "hf"
+    another_models_export(out)
+    export.main(["--init_from", str(tmp_path / "run"), "--out_dir", str(out), "--overwrite"])
+    assert "wrote" in capsys.readouterr().out
+    assert set(os.listdir(out)) == EXPORTED  # the stale tokenizer.json, pytorch_model.bin, ... are gone
+    assert os.listdir(tmp_path / "exports") == ["hf"]  # and so are the temporary and the old directories
+    assert_same_logits(model, out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer("ROMEO: it's 1,234")["input_ids"] == get_tokenizer().encode_ordinary("ROMEO: it's 1,234")
+
+
+def test_every_exported_file_has_the_mode_the_umask_gives(tmp_path):
+    tiny_checkpoint(tmp_path)
+    previous = os.umask(0o027)
+    try:
+        export.main(["--init_from", str(tmp_path), "--out_dir", str(tmp_path / "hf")])
+    finally:
+        os.umask(previous)
+    modes = {name: oct(os.stat(tmp_path / "hf" / name).st_mode & 0o777) for name in os.listdir(tmp_path / "hf")}
+    assert set(modes) == EXPORTED
+    assert set(modes.values()) == {oct(0o640)}  # model.safetensors too, not safetensors' private 0600
+    assert os.stat(tmp_path / "hf").st_mode & 0o777 == 0o750
+
+
+@pytest.mark.parametrize("earlier_export", [True, False], ids=["over_an_export", "into_a_new_directory"])
+def test_a_failed_write_is_one_line_and_leaves_the_old_export_and_no_partial_directory(
+        tmp_path, capsys, monkeypatch, earlier_export):
+    tiny_checkpoint(tmp_path / "run")
+    out = tmp_path / "exports" / "hf"
+    if earlier_export:
+        export.main(["--init_from", str(tmp_path / "run"), "--out_dir", str(out)])
+    before = contents(tmp_path / "exports") if earlier_export else None
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"the first bytes of the weights")
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    err = export_fails(["--init_from", str(tmp_path / "run"), "--out_dir", str(out), "--overwrite"], capsys)
+    assert str(out) in err and "No space left on device" in err
+    if earlier_export:
+        assert contents(tmp_path / "exports") == before  # the old export, whole, and nothing beside it
+    else:
+        assert os.listdir(tmp_path / "exports") == []

@@ -1,5 +1,6 @@
 """The Hugging Face format, in and out (transformers is a test-only dependency: requirements-dev.txt)."""
 
+import errno
 import json
 import os
 
@@ -75,3 +76,12 @@ def test_from_pretrained_explains_what_is_wrong_with_a_directory(tmp_path, break
     breakage(tmp_path)
     with pytest.raises(ValueError, match=message):
         hf.from_pretrained(str(tmp_path))
+
+
+def test_save_pretrained_reports_a_failed_weights_write_as_an_oserror_with_its_cause(tmp_path):
+    # safetensors raises its own SafetensorError on a failed write; callers catch OSError, as for the other files
+    pytest.importorskip("safetensors")
+    (tmp_path / "model.safetensors.tmp").mkdir()  # where the weights go first: a directory cannot be written
+    with pytest.raises(OSError) as error:
+        hf.save_pretrained(GPT(tiny_config(vocab_size=300)), str(tmp_path))
+    assert error.value.errno == errno.EISDIR and error.value.strerror == os.strerror(errno.EISDIR)

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import re
@@ -162,7 +163,7 @@ def test_a_rerun_skips_complete_shards_and_redoes_a_damaged_one_and_those_after(
 def test_a_rerun_with_other_options_or_edited_inputs_is_refused_unless_overwrite(tmp_path, corpus, capsys):
     run(tmp_path / "out", corpus)
     with pytest.raises(SystemExit) as exit:
-        run(tmp_path / "out", corpus, options=["--shard_tokens", "999", "--val_tokens", "1500"])
+        run(tmp_path / "out", corpus, options=["--shard_tokens", "2000", "--val_tokens", "1500"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "other --shard_tokens: use a fresh --out_dir, or --overwrite" in err
     with open(corpus, "a") as f:
@@ -170,8 +171,148 @@ def test_a_rerun_with_other_options_or_edited_inputs_is_refused_unless_overwrite
     with pytest.raises(SystemExit):
         run(tmp_path / "out", corpus)
     assert "other inputs" in capsys.readouterr().err
-    run(tmp_path / "out", corpus, options=["--shard_tokens", "999", "--val_tokens", "1500", "--overwrite"])
-    assert set(data.shard_tokens(tmp_path / "out" / "train_000000.bin").shape) == {999}
+    run(tmp_path / "out", corpus, options=["--shard_tokens", "2000", "--val_tokens", "1500", "--overwrite"])
+    assert set(data.shard_tokens(tmp_path / "out" / "train_000000.bin").shape) == {2000}
+
+
+def written_to_manifest(monkeypatch):
+    """Characters prepare.py writes to files other than shards (manifest.json, its journal, their temporaries)."""
+    written = []
+    real_open = open
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if ".bin" not in os.path.basename(path) and "r" not in mode:
+            write = f.write
+            f.write = lambda data: written.append(len(data)) or write(data)
+        return f
+
+    monkeypatch.setattr(prepare, "open", counting_open, raising=False)
+    return written
+
+
+def test_the_manifest_costs_the_same_per_shard_however_many_shards_came_before(tmp_path, monkeypatch):
+    per_shard = []
+    for n_docs in (300, 1200):  # 11 shards, then about 4 times as many
+        written = written_to_manifest(monkeypatch)
+        out = tmp_path / f"out{n_docs}"
+        run(out, write_jsonl(tmp_path / f"docs{n_docs}.jsonl", documents(n_docs)), workers=1)
+        per_shard.append(sum(written) / len(shard_names(out)))
+    assert len(shard_names(tmp_path / "out1200")) >= 40
+    # rewriting the whole manifest after each shard would make this 4 times more, not less
+    assert per_shard[1] <= per_shard[0]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--shard_tokens", "999", "999 is not from 1,000 to 2,147,483,647: smaller shards would split a corpus"),
+    ("--shard_tokens", "0", "0 is not from 1,000"),
+    ("--shard_tokens", "3_000_000_000", "3,000,000,000 is not from 1,000 to 2,147,483,647"),
+    ("--shard_tokens", "1e6", "invalid int value: '1e6'"),
+    ("--val_tokens", "-1", "-1 is not at least 0"),
+    ("--workers", "0", "0 is not at least 1"),
+])
+def test_senseless_shard_sizes_and_worker_counts_are_refused_in_one_line_before_any_work(tmp_path, corpus, capsys,
+                                                                                         option, value, message):
+    options = {"--shard_tokens": "1000", "--val_tokens": "1000", "--workers": "1", option: value}
+    with pytest.raises(SystemExit) as exit:
+        prepare.main([corpus, "--out_dir", str(tmp_path / "out"), *[x for kv in options.items() for x in kv]])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and f"error: argument {option}: {message}" in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_rerun_after_a_kill_removes_its_temporaries_and_writes_byte_identical_output(tmp_path, corpus,
+                                                                                      monkeypatch):
+    out, encode, tasks = tmp_path / "out", prepare.encode, []
+    monkeypatch.setattr(prepare, "encode", lambda task: tasks.append(task) or encode(task))
+    run(tmp_path / "clean", corpus, workers=1)
+    all_tasks = len(tasks)
+    tasks.clear()
+
+    def killed_at_task_8(task):  # a kill runs no cleanup: the shard being written stays a .tmp
+        tasks.append(task)
+        if len(tasks) == 8:
+            raise KeyboardInterrupt
+        return encode(task)
+
+    with monkeypatch.context() as m:
+        m.setattr(prepare, "encode", killed_at_task_8)
+        m.setattr(prepare.Shard, "abort", lambda shard: None)
+        with pytest.raises(SystemExit):
+            run(out, corpus, workers=1)
+    with open(out / "journal.jsonl", "a") as f:
+        f.write('{"file": "train_0')  # and killed while appending the next shard's line
+    (out / "manifest.json.tmp").write_text('{"config": ')  # or while rewriting the manifest
+    (out / "train_000042.bin.tmp").write_bytes(bytes(1024))  # or by an earlier run, past where this one stops
+    left = sorted(name for name in os.listdir(out) if name.endswith(".tmp"))
+    assert len(left) == 3 and 0 < len(shard_names(out)) < len(shard_names(tmp_path / "clean"))
+    tasks.clear()
+    run(out, corpus, workers=1)
+    assert 0 < len(tasks) < all_tasks  # resumed after the shards the killed run completed
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "clean"))  # no .tmp, no journal left
+    assert shard_bytes(out) == shard_bytes(tmp_path / "clean")
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "clean" / "manifest.json").read_bytes()
+
+
+def fail_writing(monkeypatch, name, error):
+    """Writes to OUT/name (or its temporary) fail with error, as on a full disk or a read-only file system."""
+    real_open = open
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if os.path.basename(path).removesuffix(".tmp") == name and "r" not in mode:
+            def write(data):
+                raise error
+            f.write = write
+        return f
+
+    monkeypatch.setattr(prepare, "open", failing_open, raising=False)
+
+
+def fail_renaming(monkeypatch, name, error):
+    real_replace = os.replace
+
+    def failing_replace(source, target):
+        if os.path.basename(target) == name:
+            raise error
+        return real_replace(source, target)
+
+    monkeypatch.setattr(prepare.os, "replace", failing_replace)
+
+
+def messages(capsys):
+    """The lines on stderr, less the progress line (rewritten in place with "\\r")."""
+    return [line for line in capsys.readouterr().err.split("\n") if line and not line.startswith("\r")]
+
+
+@pytest.mark.parametrize("fail, name, error, cause", [
+    (fail_writing, "train_000002.bin", OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (fail_writing, "journal.jsonl", OSError(errno.EROFS, "Read-only file system"), "Read-only file system"),
+    (fail_writing, "manifest.json", OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (fail_renaming, "val_000001.bin", PermissionError(errno.EACCES, "Permission denied"), "Permission denied"),
+    (fail_renaming, "manifest.json", PermissionError(errno.EACCES, "Permission denied"), "Permission denied"),
+])
+def test_a_failed_write_is_one_line_naming_the_file_and_its_cause_and_leaves_no_temporary(
+        tmp_path, corpus, capsys, monkeypatch, fail, name, error, cause):
+    with monkeypatch.context() as m, pytest.raises(SystemExit) as exit:
+        fail(m, name, error)
+        run(tmp_path / "out", corpus)
+    err = messages(capsys)
+    assert exit.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: cannot write {tmp_path / 'out' / name}: {cause} (make room on the disk or pass")
+    assert not [name for name in os.listdir(tmp_path / "out") if name.endswith(".tmp")]
+    run(tmp_path / "out", corpus)  # the disk has room again: the same command finishes the job
+    run(tmp_path / "clean", corpus)
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "clean")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes to a read-only folder regardless")
+def test_a_read_only_out_dir_is_refused_in_one_line(tmp_path, corpus, capsys):
+    (tmp_path / "out").mkdir(mode=0o555)
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path / "out", corpus)
+    err = messages(capsys)
+    assert exit.value.code == 2 and len(err) == 1 and "cannot write" in err[0] and "Permission denied" in err[0]
 
 
 GOOD = json.dumps({"text": "fine"})
@@ -382,3 +523,13 @@ def test_shards_written_by_prepare_load_into_shard_loader(tmp_path, corpus):
     x, y = loader.get_batch("train", 0, 0)
     for row, w in zip(x.numpy(), loader.global_batch("train", 0)):
         np.testing.assert_array_equal(row, tokens[1500 + 32 * w : 1500 + 32 * w + 32])
+
+
+def test_a_token_id_beyond_the_vocabulary_is_named_by_shard_and_offset_as_its_batch_is_drawn(counting):
+    damaged = list(range(200, 400))
+    damaged[7] = 60000  # token 207 of the val split: in step 1's batch (windows 8 to 15, tokens 128 to 256)
+    write_shard(os.path.join(counting, "val_000001.bin"), damaged)
+    loader = ShardLoader(counting, seq_len=16, batch_size=8, accum_steps=1)
+    loader.get_batch("val", 0, 0)  # the batches before it are fine
+    with pytest.raises(DataError, match=r"val_000001\.bin holds token id 60000 at token 7, beyond GPT-2's vocab"):
+        loader.get_batch("val", 1, 0)

@@ -63,7 +63,8 @@ def test_the_prompt_can_come_from_a_file_or_stdin(checkpoint, capsys, tmp_path, 
 @pytest.mark.parametrize("flags, message", [
     (["--init_from", "/nonexistent/run"], "no such file or directory"),
     (["--prompt", "FILE:/nonexistent/prompt.txt"], "cannot read the prompt file"),
-    (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["--top_p", "0"], "argument --top_p: must be a number in (0, 1], got 0"),
+    (["--temperature", "nan"], "argument --temperature: must be a number, 0 or more, got nan"),
     (["--instruction", "Add.", "--prompt", "x"], "exclude each other"),
 ])
 def test_bad_options_get_one_line_without_a_traceback(checkpoint, flags, message):

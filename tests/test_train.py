@@ -299,10 +299,12 @@ BAD_INPUTS = {
     "n_embd not divisible by n_head": (["--n_embd", "30", "--n_head", "4"], "divisible"),
     "resume without checkpoint": (["--resume"], "no checkpoint"),
     "resume of another shape": (["--resume", "--n_embd", "64"], "shape"),
-    "zero batch size": (["--batch_size", "0"], "must be positive"),
-    "negative steps": (["--max_steps", "-5"], "must be positive"),
-    "zero layers": (["--n_layer", "0"], "must be positive"),
-    "not a number": (["--max_lr", "fast"], "invalid float value"),
+    "zero batch size": (["--batch_size", "0"], "must be a positive integer"),
+    "negative steps": (["--max_steps", "-5"], "must be a positive integer"),
+    "zero layers": (["--n_layer", "0"], "must be a positive integer"),
+    "not a number": (["--max_lr", "fast"], "must be a positive number"),
+    "nan": (["--max_lr", "nan"], "must be a positive number"),
+    "beta beyond 1": (["--beta2", "1.5"], "must be a number in [0, 1)"),
     "out_dir inside a file": (["--out_dir", "{empty}/out"], "cannot create --out_dir"),
     "text given as alpaca": (["--dataset_type", "alpaca"], "use --dataset_type text"),
     "alpaca given as text": (["--dataset_path", "{alpaca}"], "use --dataset_type alpaca"),
@@ -514,3 +516,50 @@ def test_fsdp_compiled_gives_the_losses_of_fsdp_eager(small_text, tmp_path):
     run_script(*flags, "--compile", "--out_dir", str(tmp_path / "compiled"), torchrun=True)
     assert losses(read_metrics(tmp_path / "compiled")) == pytest.approx(losses(read_metrics(tmp_path / "eager")),
                                                                         rel=1e-3)
+
+
+def test_resuming_with_another_max_steps_says_what_the_schedule_becomes(small_text, tmp_path, capsys):
+    run_train(small_text, tmp_path, "--max_steps", "4", "--save_interval", "2")
+    capsys.readouterr()
+    records = run_train(small_text, tmp_path, "--resume", "--max_steps", "10")
+    note = capsys.readouterr().err
+    assert "decays to 3.00e-04 at step 10 instead of 4: 3.00e-04 at step 4, 2.17e-03 at step 5" in note
+    assert records[-1]["step"] == 10
+    for max_steps in ("4", "3"):  # at or below the checkpoint's step: nothing to train
+        with pytest.raises(SystemExit):
+            train.main(["--resume", "--out_dir", str(tmp_path), "--max_steps", max_steps])
+        assert "is not beyond the checkpoint's step 10" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_out_dir_of_a_live_run_is_refused_and_a_killed_run_leaves_no_lock(small_text,
+                                                                                                 tmp_path, capsys):
+    cmd = [sys.executable, "train.py", "--dataset_path", small_text, "--out_dir", str(tmp_path), *TINY,
+           "--max_steps", "100000", "--save_interval", "2"]
+    live = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "ckpt.pt").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        metrics_before = (tmp_path / "metrics.jsonl").read_text()
+        for flags in (["--dataset_path", small_text, *TINY, "--overwrite"], ["--resume"]):  # neither may touch it
+            capsys.readouterr()
+            with pytest.raises(SystemExit):
+                train.main(["--out_dir", str(tmp_path), *flags])
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "is in use by another run (process" in err, err
+        assert (tmp_path / "metrics.jsonl").read_text().startswith(metrics_before)  # its records all there
+    finally:
+        live.kill()  # kill -9: no handler runs, and the operating system releases the lock
+        live.wait()
+    step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
+    records = run_train(small_text, tmp_path, "--resume", "--max_steps", str(step + 1))
+    assert records[-1]["step"] == step + 1
+
+
+def test_a_checkpoint_path_that_cannot_be_written_is_refused_before_the_first_step(small_text, tmp_path, capsys):
+    (tmp_path / "ckpt.pt").mkdir()  # a directory where the checkpoint goes
+    with pytest.raises(SystemExit):
+        train.main(["--dataset_path", small_text, "--out_dir", str(tmp_path), *TINY, "--overwrite"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ckpt.pt is not a file" in err
+    assert not (tmp_path / "metrics.jsonl").exists()  # no step ran

@@ -1,0 +1,113 @@
+"""
+Writing files so that what is already on disk is never lost: every file the runs write (checkpoints, metrics, token
+caches) goes through here.
+
+    write_atomically(path, lambda f: torch.save(state, f))
+
+The new content goes to a temporary file of this process's own, is flushed to the disk (fsync), and only then
+renamed over the old file: a crash, a kill or a full disk at any moment leaves the old file or the new one, whole.
+A failed write removes its temporary file and raises WriteError, one line saying which file, why and what to do.
+Temporaries left by a killed process (whose pid is gone) are removed by the next write of the same file.
+"""
+
+import errno
+import glob
+import os
+import shutil
+import socket
+
+from runtime import UserError
+
+HOST = socket.gethostname()
+
+
+class WriteError(UserError):
+    """A file could not be written (disk full, read-only, permission, quota): one line, the old file kept."""
+
+
+def temporary_path(path):
+    """Where this process writes path's next version: named by host and pid, so that two processes writing the same
+    file (two jobs, or ranks sharing a filesystem) never share a temporary, and a stale one can be told from a live
+    one."""
+    return f"{path}.{HOST}.{os.getpid()}.tmp"
+
+
+def write_atomically(path, write, mode="wb"):
+    """Replace path's content with what write(file) writes, all or nothing (see the module's docstring)."""
+    remove_stale_temporaries(path)
+    tmp_path = temporary_path(path)
+    try:
+        with open(tmp_path, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename makes it the file: a power cut keeps one whole
+        os.replace(tmp_path, path)
+        fsync_directory(os.path.dirname(path) or ".")
+    except BaseException as e:  # also KeyboardInterrupt: the temporary never outlives a failed write
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        if isinstance(e, Exception):
+            raise WriteError(describe_write_failure(path, e)) from e
+        raise
+
+
+def describe_write_failure(path, error):
+    """One line on why path could not be written. torch.save reports a failed write as a RuntimeError of its own,
+    raised while handling the OSError that says why: found in the chain of exceptions."""
+    os_error = error
+    while os_error is not None and not isinstance(os_error, OSError):
+        os_error = os_error.__cause__ or os_error.__context__
+    free = free_bytes(os.path.dirname(path) or ".")
+    if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"the disk is full ({free / 1e9:.2f} GB free without the new version)"
+    elif os_error is not None:
+        reason = os_error.strerror or str(os_error)
+    else:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+    return f"cannot write {path}: {reason}; free some space or write elsewhere (the previous version, if any, is kept)"
+
+
+def free_bytes(directory):
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return -1
+
+
+def fsync_directory(directory):
+    """The rename itself on the disk too (POSIX; elsewhere there is nothing to open)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(path):
+    """Remove path's temporaries whose writer is dead: written on this host by a pid that no longer runs. Those of
+    other hosts (a shared filesystem) are left alone: their writers cannot be asked here."""
+    for tmp_path in glob.glob(glob.escape(path) + ".*.tmp"):
+        host, _, pid = tmp_path[len(path) + 1 : -len(".tmp")].rpartition(".")
+        # (no host: the PATH.<pid>.tmp of earlier versions, written here)
+        if host in (HOST, "") and pid.isdigit() and not process_alive(int(pid)):
+            try:
+                os.remove(tmp_path)
+            except OSError:
+                pass
+
+
+def process_alive(pid):
+    if os.name == "nt":  # Windows' os.kill would end the process: assume it lives
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -1,0 +1,55 @@
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import files
+from checkpoint import load_checkpoint, save_checkpoint
+from files import WriteError, write_atomically
+from model import GPT, GPTConfig
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB filesystem (tmpfs), to fill up: needs the right to mount, as root has on Linux."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small filesystem here (needs root on Linux)")
+    yield disk
+    subprocess.run(["umount", str(disk)])
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file_whole_with_no_temporary_left(small_disk):
+    path = str(small_disk / "data.bin")
+    write_atomically(path, lambda f: f.write(b"old"))
+    with pytest.raises(WriteError, match=r"cannot write .*data\.bin: the disk is full") as error:
+        write_atomically(path, lambda f: f.write(b"x" * 2_000_000))
+    assert "\n" not in str(error.value)
+    assert open(path, "rb").read() == b"old" and os.listdir(small_disk) == ["data.bin"]
+
+
+def test_a_checkpoint_too_big_for_the_disk_is_one_line_and_the_previous_one_is_kept(small_disk):
+    path = str(small_disk / "ckpt.pt")
+    small = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=64))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    save_checkpoint(path, small, torch.optim.AdamW(small.parameters()), scaler, 1, argparse.Namespace())
+    big = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=64, block_size=8, vocab_size=4096))  # 1 MB of weights alone
+    with pytest.raises(WriteError, match="the disk is full"):  # torch.save's own error, told apart
+        save_checkpoint(path, big, torch.optim.AdamW(big.parameters()), scaler, 2, argparse.Namespace())
+    assert load_checkpoint(path)["step"] == 1 and os.listdir(small_disk) == ["ckpt.pt"]
+
+
+def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    path = str(tmp_path / "cache.npz")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [f"{path}.{files.HOST}.{dead.pid}.tmp", f"{path}.{dead.pid}.tmp"]  # (the second: earlier versions' name)
+    kept = [f"{path}.{files.HOST}.{os.getppid()}.tmp", f"{path}.other-host.{dead.pid}.tmp"]
+    for name in stale + kept:
+        open(name, "w").close()
+    write_atomically(path, lambda f: f.write(b"new"))
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in [path, *kept])
