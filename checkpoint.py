@@ -41,7 +41,15 @@ def save_checkpoint(path, model, optimizer, scaler, step, args, write=True):
         "step": step,
         "config": vars(args),
     }
-    write_atomically(path, lambda f: torch.save(state, f))
+    write_atomically(path, lambda f: torch.save(state, f), size=tensor_bytes(state))
+
+
+def tensor_bytes(state):
+    """The bytes of the tensors in a nest of dicts and lists: about what saving it writes."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
+    return sum(tensor_bytes(value) for value in values)
 
 
 def load_checkpoint(path, mmap=False):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from data import EOT_TOKEN, IGNORE_INDEX, DataError, get_tokenizer
+from files import WriteError, describe_write_failure, write_atomically
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,8 +110,8 @@ def download_hellaswag(rt):
 
 
 def fetch(url, path):
-    """url's content into path: written under a name of this process's own and renamed, so that another job
-    fetching it at the same time (two nodes sharing a home directory) never sees half a file."""
+    """url's content into path, atomically (files.write_atomically): another job fetching it at the same time (two
+    nodes sharing a home directory) never sees half a file."""
     import urllib.request
 
     try:
@@ -119,11 +120,11 @@ def fetch(url, path):
     except OSError as e:
         raise DataError(f"cannot download HellaSwag from {url} ({e}): offline? Download hellaswag_val.jsonl "
                         f"elsewhere and pass its path")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp_path = f"{path}.{os.getpid()}.tmp"
-    with open(tmp_path, "wb") as f:
-        f.write(data)
-    os.replace(tmp_path, path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:
+        raise WriteError(describe_write_failure(path, e))
+    write_atomically(path, lambda f: f.write(data))
 
 
 @torch.no_grad()

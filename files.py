@@ -32,8 +32,9 @@ def temporary_path(path):
     return f"{path}.{HOST}.{os.getpid()}.tmp"
 
 
-def write_atomically(path, write, mode="wb"):
-    """Replace path's content with what write(file) writes, all or nothing (see the module's docstring)."""
+def write_atomically(path, write, mode="wb", size=None):
+    """Replace path's content with what write(file) writes, all or nothing (see the module's docstring). size: about
+    how many bytes it writes, for the message when they don't fit."""
     remove_stale_temporaries(path)
     tmp_path = temporary_path(path)
     try:
@@ -47,11 +48,11 @@ def write_atomically(path, write, mode="wb"):
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         if isinstance(e, Exception):
-            raise WriteError(describe_write_failure(path, e)) from e
+            raise WriteError(describe_write_failure(path, e, size)) from e
         raise
 
 
-def describe_write_failure(path, error):
+def describe_write_failure(path, error, size=None):
     """One line on why path could not be written. torch.save reports a failed write as a RuntimeError of its own,
     raised while handling the OSError that says why: found in the chain of exceptions."""
     os_error = error
@@ -59,12 +60,17 @@ def describe_write_failure(path, error):
         os_error = os_error.__cause__ or os_error.__context__
     free = free_bytes(os.path.dirname(path) or ".")
     if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason = f"the disk is full ({free / 1e9:.2f} GB free without the new version)"
+        needed = f"it needs about {amount(size)}, " if size else ""
+        reason = f"the disk is full ({needed}{amount(free)} free without it)"
     elif os_error is not None:
         reason = os_error.strerror or str(os_error)
     else:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
     return f"cannot write {path}: {reason}; free some space or write elsewhere (the previous version, if any, is kept)"
+
+
+def amount(size):
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def free_bytes(directory):
