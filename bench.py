@@ -62,6 +62,7 @@ def build_parser():
     a("--compile", action="store_true", help="torch.compile the model")
     a("--reduce_dtype", default="float32", choices=["float32", "bfloat16"], help="under torchrun, the dtype in which "
       "gradients are all-reduced, as in train.py")
+    a("--optimizer", default="adamw", choices=["adamw", "muon"], help="as in train.py")
     a("--fsdp", action="store_true", help="under torchrun, shard the model (FSDP2) instead of DDP, as in train.py")
     a("--activation_checkpointing", action="store_true", help="recompute activations in backward, as in train.py")
     a("--seed", type=int, default=1337, help="seeds the weights and the batches")
@@ -87,7 +88,8 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
     torch.manual_seed(args.seed)
     raw_model = GPT(cfg)
     model, optimizer, scaler = build_training(raw_model, rt, weight_decay=0.1, lr=1e-4, betas=(0.9, 0.95),
-                                              compile=args.compile, reduce_dtype=args.reduce_dtype, fsdp=args.fsdp,
+                                              optimizer=args.optimizer, compile=args.compile,
+                                              reduce_dtype=args.reduce_dtype, fsdp=args.fsdp,
                                               activation_checkpointing=args.activation_checkpointing)
     model.train()
 
@@ -293,7 +295,7 @@ def main(argv=None):
         result = {"mode": "sample" if args.sample else "train", "model": args.init_from or args.model,
                   "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else rt.device,
                   "dtype": str(rt.dtype).removeprefix("torch."), "compile": args.compile,
-                  "reduce_dtype": args.reduce_dtype, **result}
+                  "reduce_dtype": args.reduce_dtype, "optimizer": args.optimizer, **result}
         if rt.master:
             width = max(len(k) for k in result)
             for key, value in result.items():

@@ -239,20 +239,24 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def build_training(model, rt, *, weight_decay, lr, betas, compile=False, state=None, reduce_dtype="float32",
-                   fsdp=False, activation_checkpointing=False):
+def build_training(model, rt, *, weight_decay, lr, betas, optimizer="adamw", muon_lr=None, muon_momentum=0.95,
+                   compile=False, state=None, reduce_dtype="float32", fsdp=False, activation_checkpointing=False):
     """What a training step needs, built in the one order that works: the model on the device (sharded over the
     ranks with fsdp), its optimizer (built on the device's parameters, or their shards) and GradScaler, their
     states restored from a checkpoint's `state` when given, then the model compiled if asked and, under torchrun
     without fsdp, wrapped in DDP. Gradients cross the network in reduce_dtype. Returns (step_model, optimizer,
     scaler): step_model is what the step calls; `model` itself (unwrapped; sharded in place by fsdp) is what
-    checkpoints save and samples use. train.py and bench.py both build through here."""
+    checkpoints save and samples use. The optimizer is model.configure_optimizer's. train.py and bench.py both
+    build through here."""
+    if fsdp and optimizer != "adamw":
+        # Muon orthogonalises whole matrices, and FSDP gives each rank a slice of each: not built here
+        raise UserError(f"--optimizer {optimizer} does not work with --fsdp: use --optimizer adamw, or DDP")
     model.activation_checkpointing = activation_checkpointing
     if fsdp:
         shard_model(model, rt, reduce_dtype)
     else:
         model.to(rt.device)
-    optimizer = model.configure_optimizer(weight_decay, lr, betas)
+    optimizer = model.configure_optimizer(weight_decay, lr, betas, optimizer, muon_lr, muon_momentum)
     scaler = rt.grad_scaler()
     if state is not None:
         load_training_state(model, optimizer, state["model"], state["optimizer"])

@@ -25,7 +25,7 @@ import torch
 from checkpoint import CHECKPOINT, METRICS, MetricsLog, claim_out_dir, load_checkpoint, load_model, save_checkpoint
 from data import EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, Loader, accumulation_steps, get_tokenizer
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
-from model import GPT, PRESETS, GPTConfig, preset_config
+from model import GPT, MUON_LR_SCALE, PRESETS, GPTConfig, preset_config
 from runtime import (OneLineParser, Runtime, Throughput, UserError, add_device_flags, agrees_with_rank0, build_training,
                      fraction, join_job, non_negative_float, non_negative_int, optimizer_step, positive_float,
                      positive_int, print_error, setup_runtime, shutdown)
@@ -58,8 +58,12 @@ def build_parser():
     a("--warmup_steps", type=non_negative_int, default=20, help="steps of linear warmup from 0 to max_lr")
     a("--max_lr", type=positive_float, default=2e-3, help="peak learning rate")
     a("--min_lr", type=non_negative_float, help="learning rate at max_steps, after cosine decay (default: max_lr / 10)")
-    a("--weight_decay", type=non_negative_float, default=0.1, help="AdamW weight decay, on matrices and "
-      "embeddings only")
+    a("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon on the blocks' weight matrices, "
+      "AdamW (at --max_lr) on the embeddings, biases and gains")
+    a("--muon_lr", type=positive_float, help=f"--optimizer muon: the peak learning rate of the Muon group (default: "
+      f"{MUON_LR_SCALE:g} x --max_lr); the schedule scales it with --max_lr's")
+    a("--muon_momentum", type=fraction, default=0.95, help="--optimizer muon: Muon's momentum")
+    a("--weight_decay", type=non_negative_float, default=0.1, help="weight decay, on matrices and embeddings only")
     a("--beta1", type=fraction, default=0.9, help="AdamW beta1")
     a("--beta2", type=fraction, default=0.95, help="AdamW beta2")
     a("--grad_clip", type=non_negative_float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
@@ -167,6 +171,10 @@ def prepare_resume(args, given):
                 f"--resume: the checkpoint in {args.out_dir} is a model of shape {saved_shape}, not the {asked_shape} "
                 f"asked for; drop the shape flags to resume it, or use another --out_dir"
             )
+    if "optimizer" in given and args.optimizer != saved.optimizer:
+        raise UserError(f"--resume: the checkpoint in {args.out_dir} was trained with --optimizer {saved.optimizer}, "
+                        f"whose state cannot go on as {args.optimizer}'s: drop --optimizer, or start a new run from "
+                        f"its weights with --init_from {args.out_dir}")
     ignored = sorted(given - RESUMABLE_OVERRIDES - SHAPE_FLAGS)
     if ignored:
         print(f"--resume: keeping the checkpoint's {', '.join(ignored)}", file=sys.stderr)
@@ -279,7 +287,9 @@ def setup(args, given):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     raw_model = init_model or GPT(cfg)
     model, optimizer, scaler = build_training(raw_model, rt, weight_decay=args.weight_decay, lr=args.max_lr,
-                                              betas=(args.beta1, args.beta2), compile=args.compile, state=ckpt,
+                                              betas=(args.beta1, args.beta2), optimizer=args.optimizer,
+                                              muon_lr=args.muon_lr, muon_momentum=args.muon_momentum,
+                                              compile=args.compile, state=ckpt,
                                               reduce_dtype=args.reduce_dtype, fsdp=args.fsdp,
                                               activation_checkpointing=args.activation_checkpointing)
     start_step = ckpt["step"] if ckpt is not None else 0
@@ -367,7 +377,8 @@ def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
     device), the gradient norm, and the tokens fed (all ranks; padding included)."""
     lr = get_lr(step, args)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        # Muon's group runs at its own multiple of --max_lr (checkpoints from before --optimizer have no lr_scale)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     # Dropout draws from the global RNG: seeding it from (seed, step, rank) makes it a function of the step too,
     # so a resumed run draws the same masks as an uninterrupted one, and each rank its own.
     torch.manual_seed(int(np.random.SeedSequence([args.seed, step, rt.rank]).generate_state(1)[0]))

@@ -140,3 +140,10 @@ def test_ddp_on_two_gloo_processes():
         port = s.getsockname()[1]
     mp.spawn(ddp_worker, args=(port, ["gradients_stay_in_ddp_buckets", "rank0_agreement_is_every_rank_s",
                                       "bf16_gradient_reduction_is_close_to_fp32"]), nprocs=2)
+
+
+def test_muon_with_fsdp_is_refused_before_anything_is_built():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50))
+    with pytest.raises(runtime.UserError, match="--optimizer muon does not work with --fsdp"):
+        runtime.build_training(model, runtime.Runtime("cpu", "cpu", torch.float32), weight_decay=0.1, lr=1e-3,
+                               betas=(0.9, 0.95), optimizer="muon", fsdp=True)

@@ -97,9 +97,10 @@ def test_four_micro_steps_equal_one_step_on_a_four_times_larger_batch(small_text
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dataset_type", ["text", "shards"])
-def test_resuming_gives_the_losses_of_an_uninterrupted_run(dataset_type, small_text, tmp_path, monkeypatch):
-    flags = ["--max_steps", "8", "--save_interval", "5", "--dropout", "0.1"]  # dropout: so the RNG matters too
+@pytest.mark.parametrize("dataset_type, optimizer", [("text", "adamw"), ("shards", "adamw"), ("text", "muon")])
+def test_resuming_gives_the_losses_of_an_uninterrupted_run(dataset_type, optimizer, small_text, tmp_path, monkeypatch):
+    flags = ["--max_steps", "8", "--save_interval", "5", "--dropout", "0.1",  # dropout: so the RNG matters too
+             "--optimizer", optimizer]
     if dataset_type == "shards":  # a corpus of shards, a window crossing from one to the next
         prepare.main([small_text, "--out_dir", str(tmp_path / "shards"), "--shard_tokens", "1000",
                       "--val_tokens", "1000", "--workers", "1"])
@@ -164,10 +165,12 @@ def test_sigterm_saves_a_checkpoint_that_resumes(small_text, tmp_path):
     assert records[-1]["step"] == step + 1
 
 
-def test_torchrun_with_two_processes_equals_one_process_with_double_accumulation(small_text, tmp_path):
-    # 4 micro-batches of 2 sequences a step: 2 processes x 2 micro-steps, or 1 process x 4
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_torchrun_with_two_processes_equals_one_process_with_double_accumulation(optimizer, small_text, tmp_path):
+    # 4 micro-batches of 2 sequences a step: 2 processes x 2 micro-steps, or 1 process x 4. Under Muon each rank
+    # orthogonalises the same all-reduced gradient.
     flags = ["--dataset_path", small_text, *TINY, "--max_steps", "4", "--batch_size", "2",
-             "--total_batch_size", str(4 * 2 * 32)]
+             "--total_batch_size", str(4 * 2 * 32), "--optimizer", optimizer]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = subprocess.run([sys.executable, "train.py", *flags, "--out_dir", str(tmp_path / "one")],
                             cwd=REPO, capture_output=True, text=True, env=env)
@@ -183,8 +186,10 @@ def test_torchrun_with_two_processes_equals_one_process_with_double_accumulation
         [r["val_loss"] for r in one if "val_loss" in r], rel=1e-5)
 
 
-def test_compiled_and_eager_training_steps_give_the_same_losses(small_text):
-    args = train.build_parser().parse_args([*TINY, "--dataset_path", small_text, "--batch_size", "2"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_compiled_and_eager_training_steps_give_the_same_losses(optimizer, small_text):
+    args = train.build_parser().parse_args([*TINY, "--dataset_path", small_text, "--batch_size", "2",
+                                            "--optimizer", optimizer])
     train.check_args(args)
     cfg = train.model_config(args)
     accum_steps = train.batch_geometry(args, cfg, 1)
@@ -193,9 +198,9 @@ def test_compiled_and_eager_training_steps_give_the_same_losses(small_text):
     losses_by_mode = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        step_model, optimizer, scaler = build_training(GPT(cfg), rt, weight_decay=args.weight_decay, lr=args.max_lr,
-                                                       betas=(args.beta1, args.beta2), compile=compiled)
-        losses_by_mode[compiled] = [train.train_step(step_model, optimizer, scaler, loader, step, accum_steps, rt,
+        step_model, opt, scaler = build_training(GPT(cfg), rt, weight_decay=args.weight_decay, lr=args.max_lr,
+                                                 betas=(args.beta1, args.beta2), optimizer=optimizer, compile=compiled)
+        losses_by_mode[compiled] = [train.train_step(step_model, opt, scaler, loader, step, accum_steps, rt,
                                                      args)[1].item() for step in (1, 2, 3)]
     # the same math in another order of operations: equal to float rounding, far inside bf16's 1e-2
     assert losses_by_mode[True] == pytest.approx(losses_by_mode[False], rel=1e-3)
@@ -563,3 +568,28 @@ def test_a_checkpoint_path_that_cannot_be_written_is_refused_before_the_first_st
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ckpt.pt is not a file" in err
     assert not (tmp_path / "metrics.jsonl").exists()  # no step ran
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_muon_lowers_the_loss_under_every_dtype(dtype, small_text, tmp_path):
+    records = run_train(small_text, tmp_path, "--optimizer", "muon", "--max_steps", "12", "--dtype", dtype,
+                        "--eval_interval", "12")
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5  # finite, and learning
+
+
+def test_muon_fine_tunes_on_alpaca_records(tmp_path):
+    records = run_train(write_alpaca(tmp_path / "alpaca.json", 60), tmp_path / "out", *ALPACA, "--optimizer",
+                        "muon", "--max_steps", "6")
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_a_checkpoint_of_one_optimizer_resumed_with_the_other_is_one_line(small_text, tmp_path, capsys):
+    run_train(small_text, tmp_path, "--max_steps", "2")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.main(["--resume", "--out_dir", str(tmp_path), "--max_steps", "4", "--optimizer", "muon"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trained with --optimizer adamw" in err and "--init_from" in err
+    train.main(["--dataset_path", small_text, "--out_dir", str(tmp_path / "fresh"), *without_model_flag(TINY),
+                "--init_from", str(tmp_path), "--optimizer", "muon", "--max_steps", "2"])  # its weights, afresh
+    assert [r["step"] for r in read_metrics(tmp_path / "fresh")] == [1, 2]
