@@ -62,7 +62,7 @@ def build_parser():
     a("--compile", action="store_true", help="torch.compile the model")
     a("--reduce_dtype", default="float32", choices=["float32", "bfloat16"], help="under torchrun, the dtype in which "
       "gradients are all-reduced, as in train.py")
-    a("--optimizer", default="adamw", choices=["adamw", "muon"], help="as in train.py")
+    a("--optimizer", default="muon", choices=["adamw", "muon"], help="as in train.py")
     a("--fsdp", action="store_true", help="under torchrun, shard the model (FSDP2) instead of DDP, as in train.py")
     a("--activation_checkpointing", action="store_true", help="recompute activations in backward, as in train.py")
     a("--seed", type=int, default=1337, help="seeds the weights and the batches")
@@ -160,7 +160,8 @@ def memory_estimate(cfg, tokens, shards, activation_checkpointing, accumulating=
     bytes, or in fp32 64d; with activation checkpointing only each block's fp32 input (4d) stays, and one block's
     at a time is rebuilt. The loss holds the logits and their fp32 softmax at once: 6 bytes a logit (8 in fp32).
     Under autocast each weight also has a bf16 copy for the step (2 bytes a parameter); FSDP instead gathers two
-    blocks and the root at a time. The parts never all peak at once: their sum is an upper bound."""
+    blocks and the root at a time. The parts never all peak at once: their sum is an upper bound (also under Muon,
+    which keeps one moment of the blocks' matrices where AdamW keeps two)."""
     d, L, V, P = cfg.n_embd, cfg.n_layer, cfg.vocab_size, param_count(cfg)
     per_layer = 38 * d if low_precision else 64 * d
     gathered_bytes = 2 if low_precision else 4

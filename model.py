@@ -266,7 +266,7 @@ class GPT(nn.Module):
             return OneDNNLinear.apply(x, self.lm_head.weight)
         return self.lm_head(x)
 
-    def configure_optimizer(self, weight_decay, lr, betas, optimizer="adamw", muon_lr=None, muon_momentum=0.95):
+    def configure_optimizer(self, weight_decay, lr, betas, optimizer="adamw", muon_lr=None, muon_momentum=0.9):
         """The optimizer, built after the model is on its device. "adamw": AdamW in two groups. Weight decay pulls
         weights toward 0: right for matrices and embeddings, which it keeps from growing; wrong for biases and
         LayerNorm gains, whose scale is meaningful. Those are exactly the 1-D parameters. The fused kernel (all
@@ -347,8 +347,8 @@ class GPT(nn.Module):
 
 
 # --optimizer muon's default learning rate for the Muon group, as a multiple of --max_lr (AdamW's): with the update
-# RMS matched to AdamW's the two share a scale, and the matrices take a larger step (README.md, the optimizer sweep)
-MUON_LR_SCALE = 2.0
+# RMS matched to AdamW's the two share a scale (README.md, the optimizer sweep)
+MUON_LR_SCALE = 1.0
 
 
 class Optimizers:

@@ -239,7 +239,7 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def build_training(model, rt, *, weight_decay, lr, betas, optimizer="adamw", muon_lr=None, muon_momentum=0.95,
+def build_training(model, rt, *, weight_decay, lr, betas, optimizer="adamw", muon_lr=None, muon_momentum=0.9,
                    compile=False, state=None, reduce_dtype="float32", fsdp=False, activation_checkpointing=False):
     """What a training step needs, built in the one order that works: the model on the device (sharded over the
     ranks with fsdp), its optimizer (built on the device's parameters, or their shards) and GradScaler, their

@@ -31,6 +31,10 @@ from runtime import (OneLineParser, Runtime, Throughput, UserError, add_device_f
                      positive_int, print_error, setup_runtime, shutdown)
 
 DEFAULT_MODEL = "gpt2-micro"
+# --max_lr's and --beta2's defaults, by --optimizer: tuned on the default run (README.md, the optimizer). Under Muon
+# they are the embeddings' and gains' (AdamW's), which learn best faster, and with a longer memory of their gradients'
+# scale, than AdamW alone can take for the whole model.
+OPTIMIZER_DEFAULTS = {"adamw": {"max_lr": 2e-3, "beta2": 0.95}, "muon": {"max_lr": 4e-3, "beta2": 0.99}}
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 SHAPE_FLAGS = {"model", "n_layer", "n_head", "n_embd"}
 
@@ -56,16 +60,18 @@ def build_parser():
       "(default: batch_size * seq_len * processes, no gradient accumulation)")
     a("--max_steps", type=positive_int, default=320, help="optimizer steps to train for")
     a("--warmup_steps", type=non_negative_int, default=20, help="steps of linear warmup from 0 to max_lr")
-    a("--max_lr", type=positive_float, default=2e-3, help="peak learning rate")
+    a("--max_lr", type=positive_float, help="peak learning rate (of AdamW's parameters; default: "
+      + ", ".join(f"{d['max_lr']:g} with {name}" for name, d in OPTIMIZER_DEFAULTS.items()) + ")")
     a("--min_lr", type=non_negative_float, help="learning rate at max_steps, after cosine decay (default: max_lr / 10)")
-    a("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon on the blocks' weight matrices, "
-      "AdamW (at --max_lr) on the embeddings, biases and gains")
+    a("--optimizer", default="muon", choices=["adamw", "muon"], help="muon: Muon on the blocks' weight matrices, "
+      "AdamW (at --max_lr) on the embeddings, biases and gains; adamw: AdamW on all")
     a("--muon_lr", type=positive_float, help=f"--optimizer muon: the peak learning rate of the Muon group (default: "
       f"{MUON_LR_SCALE:g} x --max_lr); the schedule scales it with --max_lr's")
-    a("--muon_momentum", type=fraction, default=0.95, help="--optimizer muon: Muon's momentum")
+    a("--muon_momentum", type=fraction, default=0.9, help="--optimizer muon: Muon's momentum")
     a("--weight_decay", type=non_negative_float, default=0.1, help="weight decay, on matrices and embeddings only")
     a("--beta1", type=fraction, default=0.9, help="AdamW beta1")
-    a("--beta2", type=fraction, default=0.95, help="AdamW beta2")
+    a("--beta2", type=fraction, help="AdamW beta2 (default: "
+      + ", ".join(f"{d['beta2']:g} with {name}" for name, d in OPTIMIZER_DEFAULTS.items()) + ")")
     a("--grad_clip", type=non_negative_float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     add_device_flags(p)
     a("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
@@ -115,7 +121,8 @@ def model_config(args):
 
 
 def batch_geometry(args, cfg, world_size):
-    """Fill in seq_len, min_lr and total_batch_size's defaults; return the number of micro-steps per step."""
+    """Fill in the defaults that depend on other options (seq_len, the optimizer's max_lr and beta2, min_lr,
+    total_batch_size); return the number of micro-steps per step."""
     if cfg.vocab_size < EOT_TOKEN + 1:
         raise UserError(f"the model's vocabulary ({cfg.vocab_size} tokens) is smaller than GPT-2's tokenizer's "
                         f"({EOT_TOKEN + 1}): it cannot train on GPT-2 tokens")
@@ -123,6 +130,9 @@ def batch_geometry(args, cfg, world_size):
         args.seq_len = cfg.block_size
     if args.seq_len > cfg.block_size:
         raise UserError(f"--seq_len {args.seq_len} is longer than the model's context ({cfg.block_size})")
+    for name, value in OPTIMIZER_DEFAULTS[args.optimizer].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.min_lr is None:
         args.min_lr = args.max_lr / 10
     if args.total_batch_size is None:  # no accumulation
@@ -161,6 +171,7 @@ def prepare_resume(args, given):
     ckpt = load_checkpoint(path, mmap=True)
     # options added since the checkpoint was written take their defaults
     saved = argparse.Namespace(**{**vars(build_parser().parse_args([])), **ckpt["config"]})
+    saved.optimizer = ckpt["config"].get("optimizer", "adamw")  # (checkpoints from before Muon: AdamW's)
     saved_shape = {k: ckpt["model_config"][k] for k in MODEL_SHAPE}
     if given & SHAPE_FLAGS:
         args.seq_len = args.seq_len or saved.seq_len

@@ -16,14 +16,15 @@ SEQ_LEN="${SEQ_LEN:-256}"                      # longest example in tokens: long
 MAX_STEPS="${MAX_STEPS:-150}"                  # optimizer steps (about 1.3 s each for the defaults on a 2-core CPU)
 WARMUP_STEPS="${WARMUP_STEPS:-20}"             # steps of linear warmup to MAX_LR
 MAX_LR="${MAX_LR:-1e-3}"                       # peak learning rate: ~1e-3 from scratch, ~2e-5 when fine-tuning a pretrained GPT-2
-WEIGHT_DECAY="${WEIGHT_DECAY:-0.1}"            # AdamW weight decay
+WEIGHT_DECAY="${WEIGHT_DECAY:-0.1}"            # weight decay
+OPTIMIZER="${OPTIMIZER:-adamw}"                # adamw (its learning rates above are tuned for it), or muon
 INIT_FROM="${INIT_FROM:-}"                     # weights to start from (ckpt.pt, out_dir, HF dir, gpt2...); empty: from scratch
 OUT_DIR="${OUT_DIR:-out-alpaca}"               # where ckpt.pt and metrics.jsonl go
 MODEL="${MODEL:-}"                             # preset when training from scratch (empty: gpt2-micro); INIT_FROM sets the shape otherwise
 
 args=(--dataset_type alpaca --dataset_path "$DATASET_PATH" --batch_size "$BATCH_SIZE" --seq_len "$SEQ_LEN"
       --max_steps "$MAX_STEPS" --warmup_steps "$WARMUP_STEPS" --max_lr "$MAX_LR" --weight_decay "$WEIGHT_DECAY"
-      --out_dir "$OUT_DIR")
+      --optimizer "$OPTIMIZER" --out_dir "$OUT_DIR")
 if [[ -n "$INIT_FROM" ]]; then
     if [[ -n "$MODEL" ]]; then
         echo "error: set MODEL or INIT_FROM, not both: INIT_FROM's weights decide the model's shape" >&2

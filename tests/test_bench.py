@@ -8,7 +8,7 @@ import pytest
 import bench
 from conftest import REPO
 
-NANO = ["--model", "gpt2-nano", "--device", "cpu", "--dtype", "float32"]
+NANO = ["--model", "gpt2-nano", "--device", "cpu", "--dtype", "float32", "--optimizer", "adamw"]
 
 
 def run_bench(*flags):

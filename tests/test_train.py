@@ -23,7 +23,7 @@ from runtime import build_training, peak_memory_bytes, setup_runtime
 
 TINY = ["--model", "gpt2-nano", "--batch_size", "4", "--seq_len", "32", "--warmup_steps", "2", "--max_lr", "3e-3",
         "--log_interval", "1", "--eval_interval", "3", "--eval_steps", "2", "--sample_tokens", "0",
-        "--device", "cpu", "--dtype", "float32"]
+        "--device", "cpu", "--dtype", "float32", "--optimizer", "adamw"]
 
 
 def run_train(dataset, out_dir, *flags):
@@ -119,7 +119,7 @@ def test_resuming_gives_the_losses_of_an_uninterrupted_run(dataset_type, optimiz
     monkeypatch.setattr(train, "save_checkpoint", save_and_keep_step_5)
     straight = run_train(small_text, tmp_path / "straight", *flags)
     monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
-    resumed = run_train(small_text, interrupted, "--resume")
+    resumed = run_train(small_text, interrupted, "--resume", "--optimizer", optimizer)
     assert [r["step"] for r in resumed] == list(range(1, 9))
     for before, after in zip(straight, resumed):
         speed = {"tokens_per_sec", "mfu"}
