@@ -121,9 +121,9 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
     resident = [local(t) for t in [*params, *(p.grad for p in params if p.grad is not None), *optimizer_state]]
     gradient_bytes = []  # the gradients as the optimizer gets them
     optimizer.register_step_pre_hook(lambda *_: gradient_bytes.append(
-        sum(tensor_bytes(p.grad) for p in params if p.grad is not None)))
+        sum(local_bytes(p.grad) for p in params if p.grad is not None)))
     peak_memory = peak_memory_bytes(lambda: step(args.warmup + args.steps), rt, resident)  # one more step, untimed
-    state_memory = sum(map(tensor_bytes, params)) + gradient_bytes[-1] + sum(map(tensor_bytes, optimizer_state))
+    state_memory = sum(map(local_bytes, params)) + gradient_bytes[-1] + sum(map(local_bytes, optimizer_state))
     seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
     peak = max(peak_before, rt.peak_flops())
     mfu = raw_model.flops_per_token(seq_len) * tokens_per_sec / (peak * world_size)
@@ -146,7 +146,7 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def tensor_bytes(t):
+def local_bytes(t):
     return local(t).numel() * t.element_size()
 
 
