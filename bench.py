@@ -9,7 +9,7 @@ Benchmarks: training steps, and decoding.
     python bench.py --memory_table 8 --batch_size 8         # the memory estimate for each GPT-2 size, nothing runs
     python bench.py --sample --model gpt2                   # decoding: KV cache, no cache, transformers' generate
 
-Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from runtime.build_training and the
+Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from parallel.build_training and the
 batches from data.py's loaders, as in train.py. After --warmup steps, times --steps optimizer steps: each micro-step's
 forward and backward (gradients synced on the last), then clipping and the AdamW step. Reports tokens/s, ms/step,
 MFU and peak memory. MFU is against Runtime.peak_flops: the data sheet's bf16/fp16 peak for known GPUs, otherwise a
@@ -39,8 +39,10 @@ import hf
 from checkpoint import load_model
 from data import LOADERS, DataError, accumulation_steps
 from model import GPT, PRESETS, preset_config
-from runtime import (OneLineParser, UserError, add_device_flags, build_training, fraction, non_negative_int,
-                     optimizer_step, peak_memory_bytes, positive_int, print_error, setup_runtime, shutdown)
+from cli import OneLineParser, UserError, add_device_flags, fraction, non_negative_int, positive_int, print_error
+from optim import optimizer_step
+from parallel import build_training, require_grad_sync
+from runtime import peak_memory_bytes, setup_runtime, shutdown
 
 
 def build_parser():
@@ -97,7 +99,7 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
         tokens = 0
         for micro_step in range(accum_steps):
             x, y = rt.to_device(loader.get_batch("train", number, micro_step))
-            rt.require_grad_sync(model, micro_step == accum_steps - 1)
+            require_grad_sync(model, micro_step == accum_steps - 1)
             with rt.autocast():
                 loss = model(x, y)[1] / accum_steps
             scaler.scale(loss).backward()

@@ -18,7 +18,8 @@ import torch
 import hf
 from files import HOST, WriteError, describe_write_failure, write_atomically
 from model import GPT, GPTConfig
-from runtime import UserError, training_state
+from cli import UserError
+from parallel import training_state
 
 CHECKPOINT = "ckpt.pt"
 METRICS = "metrics.jsonl"

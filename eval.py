@@ -22,7 +22,8 @@ import torch
 from checkpoint import is_checkpoint, load_checkpoint, load_model
 from data import IGNORE_INDEX, LOADERS, AlpacaLoader, DataError
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
-from runtime import OneLineParser, UserError, add_device_flags, positive_int, print_error, setup_runtime
+from cli import OneLineParser, UserError, add_device_flags, positive_int, print_error
+from runtime import setup_runtime
 
 
 def build_parser():

@@ -23,7 +23,7 @@ import tempfile
 
 import hf
 from checkpoint import load_model
-from runtime import OneLineParser, UserError, print_error
+from cli import OneLineParser, UserError, print_error
 
 
 def main(argv=None):

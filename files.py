@@ -16,7 +16,7 @@ import os
 import shutil
 import socket
 
-from runtime import UserError
+from cli import UserError
 
 HOST = socket.gethostname()
 

@@ -266,33 +266,6 @@ class GPT(nn.Module):
             return OneDNNLinear.apply(x, self.lm_head.weight)
         return self.lm_head(x)
 
-    def configure_optimizer(self, weight_decay, lr, betas, optimizer="adamw", muon_lr=None, muon_momentum=0.9):
-        """The optimizer, built after the model is on its device. "adamw": AdamW in two groups. Weight decay pulls
-        weights toward 0: right for matrices and embeddings, which it keeps from growing; wrong for biases and
-        LayerNorm gains, whose scale is meaningful. Those are exactly the 1-D parameters. The fused kernel (all
-        parameters in a few launches instead of several per tensor) runs on CUDA and CPU tensors.
-        "muon": Muon (torch.optim.Muon) on the blocks' weight matrices, whose updates it orthogonalises (every
-        direction of the matrix moves as much: more learning per step than AdamW's), at muon_lr, with its update's
-        RMS matched to AdamW's so that the two learning rates are on one scale; AdamW as above for the rest (the
-        embeddings and tied head, which are lookups rather than transforms, biases and gains). Each group's
-        "lr_scale" is its learning rate over lr, for the schedule to keep."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        matrices = {id(p) for p in self.transformer.h.parameters() if p.dim() == 2} if optimizer == "muon" else set()
-        fused = self.lm_head.weight.device.type in ("cuda", "cpu")
-        adamw = torch.optim.AdamW([
-            {"params": [p for p in params if p.dim() >= 2 and id(p) not in matrices], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ], lr=lr, betas=betas, fused=fused)
-        for group in adamw.param_groups:
-            group["lr_scale"] = 1.0
-        if optimizer == "adamw":
-            return adamw
-        muon_lr = muon_lr or MUON_LR_SCALE * lr
-        muon = torch.optim.Muon([p for p in params if id(p) in matrices], lr=muon_lr, weight_decay=weight_decay,
-                                momentum=muon_momentum, adjust_lr_fn="match_rms_adamw")
-        muon.param_groups[0]["lr_scale"] = muon_lr / lr
-        return Optimizers(adamw=adamw, muon=muon)
-
     def num_params(self, non_embedding=False):
         """Parameters, each counted once (the tied head is the token embedding). non_embedding drops both
         embeddings: what the per-token compute scales with, apart from the output layer."""
@@ -344,47 +317,6 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, **kwargs):
         """idx (B, T) extended by up to max_new_tokens tokens: generate_stream's, collected."""
         return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **kwargs)], dim=1)
-
-
-# --optimizer muon's default learning rate for the Muon group, as a multiple of --max_lr (AdamW's): with the update
-# RMS matched to AdamW's the two share a scale (README.md, the optimizer sweep)
-MUON_LR_SCALE = 1.0
-
-
-class Optimizers:
-    """Several optimizers, each over its own parameters, as one: what the loop, the GradScaler, the schedule and
-    checkpoints see. param_groups are all of theirs (the same dicts), state_dict() holds each one's by name."""
-
-    def __init__(self, **optimizers):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self):
-        return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
-
-    @property
-    def state(self):
-        return {p: s for optimizer in self.optimizers.values() for p, s in optimizer.state.items()}
-
-    def step(self):
-        for optimizer in self.optimizers.values():
-            optimizer.step()
-
-    def zero_grad(self, set_to_none=True):
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=set_to_none)
-
-    def register_step_pre_hook(self, hook):
-        return [optimizer.register_step_pre_hook(hook) for optimizer in self.optimizers.values()]
-
-    def state_dict(self):
-        return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
-
-    def load_state_dict(self, state_dict):
-        if set(state_dict) != set(self.optimizers):
-            raise ValueError(f"the saved optimizer state is not of {' + '.join(self.optimizers)}")
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state_dict[name])
 
 
 def _onednn_linear():

@@ -7,19 +7,15 @@ Plot training runs from their metrics.jsonl: loss (train and validation), learni
 Needs matplotlib (pip install matplotlib), which nothing else in the repo does.
 """
 
-import argparse
 import json
 import os
 import sys
 
+from cli import OneLineParser  # (no torch: plot.py runs without it)
+
 # one panel each: its title and the (metrics key, legend label) of each curve
 PANELS = [("loss", [("loss", "train"), ("val_loss", "val")]), ("learning rate", [("lr", "")]),
           ("tokens/s", [("tokens_per_sec", "")])]
-
-
-class OneLineParser(argparse.ArgumentParser):  # as runtime.py's; plot.py does not import torch
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def read_metrics(path):

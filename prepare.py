@@ -36,6 +36,7 @@ from collections import deque
 
 import numpy as np
 
+from cli import OneLineParser
 from data import EOT_TOKEN, SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_NAME, SHARD_VERSION, DataError, get_tokenizer, \
     shard_tokens
 
@@ -50,11 +51,6 @@ MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"  # a line per shard completed since manifest.json was last written
 MIN_SHARD_TOKENS = 1000  # smaller shards would split a corpus into absurdly many files
 MAX_SHARD_TOKENS = 2**31 - 1  # a shard's header counts its tokens in an int32
-
-
-class OneLineParser(argparse.ArgumentParser):  # as train.py's; prepare.py does not import the trainer
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def bounded_int(low, high=None, why=""):

@@ -1,76 +1,27 @@
 """
 Where and how the math runs: the device, the autocast dtype, the processes of a torchrun job and what passes between
-them, the device's peak FLOP/s. Also the conventions every script shares: one-line errors, on one rank only.
+them; and what a run measures of it: the device's peak FLOP/s, peak memory, throughput. The model's wrapping for
+several processes is parallel.py's, the optimizers optim.py's, the command-line conventions cli.py's.
 
     rt = setup_runtime("auto", "auto")          # the device, the dtype, and the process group under torchrun
-    model, optimizer, scaler = build_training(GPT(config), rt, ...)   # what train.py and bench.py step
     with rt.autocast():
         logits, loss = model(*rt.to_device(batch))
     loss_all_ranks = rt.all_reduce_mean(loss.detach())
 """
 
-import argparse
 import contextlib
 import ctypes
 import dataclasses
 import datetime
 import gc
-import math
 import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-
-class UserError(Exception):
-    """A problem the user can fix (options, a device, a checkpoint, a diverging run): one line, no traceback."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's default prints the whole usage first; one line says it better
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-# Types for numeric flags, so that a bad value is refused as the command line is read, in argparse's one line
-# ("argument --seq_len: must be a positive integer, got -5"), in every script alike.
-
-
-def number_type(kind, check, wanted):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
-        if not (math.isfinite(value) and check(value)):  # nan and inf are floats too
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
-        return value
-    return parse
-
-
-positive_int = number_type(int, lambda v: v > 0, "a positive integer")
-non_negative_int = number_type(int, lambda v: v >= 0, "an integer, 0 or more")
-positive_float = number_type(float, lambda v: v > 0, "a positive number")
-non_negative_float = number_type(float, lambda v: v >= 0, "a number, 0 or more")
-fraction = number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-probability = number_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-
-
-def add_device_flags(parser):
-    """--device and --dtype, which every script that runs the model takes (setup_runtime's arguments)."""
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="auto: cuda, then mps, then cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="autocast dtype; auto: bfloat16 where the device runs it faster than float32, float16 "
-                        "on older GPUs")
-
-
-def print_error(error):
-    """`error: ...` on stderr, from rank 0 only: under torchrun every rank fails alike, and one line is enough."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {error}", file=sys.stderr)
+from cli import UserError
 
 
 @dataclasses.dataclass
@@ -132,15 +83,6 @@ class Runtime:
         t = torch.tensor([int(bool(flag))], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
-
-    def require_grad_sync(self, model, sync):
-        """Whether the next backward pass reduces the gradients over the ranks. DDP and FSDP do it during backward;
-        between the micro-steps of one optimizer step that is wasted traffic, so only the last one syncs (FSDP then
-        keeps the micro-steps' gradients unsharded until it). DDP reads its flag in forward: set it before."""
-        if is_sharded(model):
-            getattr(model, "_orig_mod", model).set_requires_gradient_sync(sync)
-        elif self.ddp:
-            model.require_backward_grad_sync = sync
 
     def synchronize(self):
         """Wait for the device's queued work (GPUs run asynchronously): before and after anything that is timed."""
@@ -238,135 +180,6 @@ def shutdown():
         gc.collect()
         dist.destroy_process_group()
 
-
-def build_training(model, rt, *, weight_decay, lr, betas, optimizer="adamw", muon_lr=None, muon_momentum=0.9,
-                   compile=False, state=None, reduce_dtype="float32", fsdp=False, activation_checkpointing=False):
-    """What a training step needs, built in the one order that works: the model on the device (sharded over the
-    ranks with fsdp), its optimizer (built on the device's parameters, or their shards) and GradScaler, their
-    states restored from a checkpoint's `state` when given, then the model compiled if asked and, under torchrun
-    without fsdp, wrapped in DDP. Gradients cross the network in reduce_dtype. Returns (step_model, optimizer,
-    scaler): step_model is what the step calls; `model` itself (unwrapped; sharded in place by fsdp) is what
-    checkpoints save and samples use. The optimizer is model.configure_optimizer's. train.py and bench.py both
-    build through here."""
-    if fsdp and optimizer != "adamw":
-        # Muon orthogonalises whole matrices, and FSDP gives each rank a slice of each: not built here
-        raise UserError(f"--optimizer {optimizer} does not work with --fsdp: use --optimizer adamw, or DDP")
-    model.activation_checkpointing = activation_checkpointing
-    if fsdp:
-        shard_model(model, rt, reduce_dtype)
-    else:
-        model.to(rt.device)
-    optimizer = model.configure_optimizer(weight_decay, lr, betas, optimizer, muon_lr, muon_momentum)
-    scaler = rt.grad_scaler()
-    if state is not None:
-        load_training_state(model, optimizer, state["model"], state["optimizer"])
-        restore_grad_scaler(scaler, state.get("scaler") or {}, rt)
-    step_model = torch.compile(model) if compile else model
-    if rt.ddp and not fsdp:
-        # gradients live in DDP's communication buckets: no copy between the two, less memory
-        step_model = DDP(step_model, device_ids=[torch.device(rt.device)] if rt.device_type == "cuda" else None,
-                         gradient_as_bucket_view=True)
-        if reduce_dtype == "bfloat16":
-            step_model.register_comm_hook(None, bf16_gradient_hook)
-    return step_model, optimizer, scaler
-
-
-def shard_model(model, rt, reduce_dtype):
-    """FSDP2: each rank keeps 1/world_size of every parameter, of its gradient and of its optimizer state, and
-    gathers a block's full weights just before the block runs (forward and backward), freeing them after. Each
-    block is one unit of gathering; the root takes the rest (embeddings, final LayerNorm, and the head, which is the
-    token embedding: one parameter, one unit). On GPUs the gathered weights are in the autocast dtype (half the
-    traffic and memory); the gradients are reduced in reduce_dtype and kept in fp32, like the weights' shards."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(rt.device_type, (rt.world_size,))
-    low_precision = rt.device_type == "cuda" and rt.dtype != torch.float32
-    policy = MixedPrecisionPolicy(param_dtype=rt.dtype if low_precision else None,
-                                  reduce_dtype=getattr(torch, reduce_dtype))
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)  # moves the shards to the device
-
-
-def is_sharded(model):
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)  # (compiled, the module is _orig_mod)
-
-
-def training_state(model, optimizer):
-    """The model's and the optimizer's state dicts as checkpoints hold them: full tensors, the optimizer's state
-    keyed by position (torch.optim's own layout). A sharded model's are gathered to rank 0's CPU, one tensor at a
-    time (a collective: every rank calls this; the others get empty dicts)."""
-    if not is_sharded(model):
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    model_state, by_name = get_state_dict(model, optimizer,
-                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not by_name:
-        return model_state, by_name
-    names = [name for group in by_name["param_groups"] for name in group["params"]]
-    position = {name: i for i, name in enumerate(names)}
-    return model_state, {"state": {position[name]: s for name, s in by_name["state"].items()},
-                         "param_groups": [{**g, "params": [position[n] for n in g["params"]]}
-                                          for g in by_name["param_groups"]]}
-
-
-def load_training_state(model, optimizer, model_state, optimizer_state):
-    """training_state's dicts back into the model and its optimizer, sharded or not: a checkpoint resumes with or
-    without FSDP, on any number of processes."""
-    if not is_sharded(model):
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    name_of = {id(p): name for name, p in model.named_parameters()}
-    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    by_name = {"state": {names[i]: s for i, s in optimizer_state["state"].items()},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                                for g in optimizer_state["param_groups"]]}
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=by_name,
-                   options=StateDictOptions(full_state_dict=True))
-
-
-def bf16_gradient_hook(process_group, bucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP's all-reduce of a bucket of gradients in bf16: half the bytes on the wire. Each rank's gradients are
-    rounded to bf16 and divided by the number of ranks, summed in bf16, and copied back into the fp32 gradients (the
-    optimizer and its state stay fp32). PyTorch's own bf16_compress_hook, called from a hook of another name: DDP
-    accepts that name only with NCCL, and the hook works as well on gloo."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
-
-    return bf16_compress_hook(process_group, bucket)
-
-
-def restore_grad_scaler(scaler, saved, rt):
-    """The GradScaler's saved state, where it applies: a run may resume in another dtype (--dtype auto on another
-    GPU, or --dtype given anew). Into fp16 from bf16/fp32 (no saved scale), the loss scale starts afresh, as at the
-    start of a run, and finds its level within a few steps; out of fp16, the scale is not needed."""
-    if scaler.is_enabled() and not saved:
-        if rt.master:
-            print("--resume: the checkpoint was trained without fp16's loss scaling; it starts afresh", file=sys.stderr)
-        return
-    scaler.load_state_dict(saved)  # a disabled scaler ignores it
-
-
-def optimizer_step(model, optimizer, scaler, grad_clip):
-    """The update after a step's backward passes: gradients unscaled (fp16), clipped to grad_clip (0: not
-    clipped), the optimizer's step, and the gradients zeroed. Returns the gradient norm before clipping."""
-    scaler.unscale_(optimizer)
-    # with clipping off, an infinite cap only measures the norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, summed over the shards
-        grad_norm = grad_norm.full_tensor()
-    scaler.step(optimizer)
-    scaler.update()
-    # Under DDP the gradients are views into its communication buckets (gradient_as_bucket_view): zeroed in place
-    # they stay there; set to None, the next backward would allocate new ones beside the buckets, every step.
-    optimizer.zero_grad(set_to_none=not isinstance(model, DDP))
-    return grad_norm
 
 
 def cpu_bf16_is_faster():

@@ -21,8 +21,9 @@ import torch
 from checkpoint import load_model
 from data import EOT_TOKEN, alpaca_prompt, get_tokenizer
 from model import GPT
-from runtime import (OneLineParser, UserError, add_device_flags, non_negative_float, non_negative_int, positive_int,
-                     print_error, probability, setup_runtime)
+from cli import (OneLineParser, UserError, add_device_flags, non_negative_float, non_negative_int, positive_int,
+                 print_error, probability)
+from runtime import setup_runtime
 
 
 def build_parser():

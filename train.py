@@ -7,8 +7,8 @@ Train a GPT-2 on a text file, Alpaca instruction records or token shards.
 
 Everything a run makes goes to --out_dir: ckpt.pt (to --resume from) and metrics.jsonl (one JSON line per log line).
 Read it downward: main() -> setup() (options, runtime, data, model) -> train() (the loop) -> train_step() (one
-optimizer update). The shared pieces live in their own files: runtime.py (device, dtype, processes), data.py,
-model.py, checkpoint.py, evaluation.py.
+optimizer update). The shared pieces live in their own files: runtime.py (device, dtype, processes), parallel.py
+(DDP, FSDP), optim.py (the optimizers), data.py, model.py, checkpoint.py, evaluation.py.
 """
 
 import argparse
@@ -25,10 +25,12 @@ import torch
 from checkpoint import CHECKPOINT, METRICS, MetricsLog, claim_out_dir, load_checkpoint, load_model, save_checkpoint
 from data import EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, Loader, accumulation_steps, get_tokenizer
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
-from model import GPT, MUON_LR_SCALE, PRESETS, GPTConfig, preset_config
-from runtime import (OneLineParser, Runtime, Throughput, UserError, add_device_flags, agrees_with_rank0, build_training,
-                     fraction, join_job, non_negative_float, non_negative_int, optimizer_step, positive_float,
-                     positive_int, print_error, setup_runtime, shutdown)
+from cli import (OneLineParser, UserError, add_device_flags, fraction, non_negative_float, non_negative_int,
+                 positive_float, positive_int, print_error)
+from model import GPT, PRESETS, GPTConfig, preset_config
+from optim import MUON_LR_SCALE, optimizer_step
+from parallel import build_training, require_grad_sync
+from runtime import Runtime, Throughput, agrees_with_rank0, join_job, setup_runtime, shutdown
 
 DEFAULT_MODEL = "gpt2-micro"
 # --max_lr's and --beta2's defaults, by --optimizer: tuned on the default run (README.md, the optimizer). Under Muon
@@ -402,7 +404,7 @@ def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
     tokens = 0
     for micro_step in range(accum_steps):
         x, y = rt.to_device(loader.get_batch("train", step - 1, micro_step))  # (batch_size, seq_len) each
-        rt.require_grad_sync(model, micro_step == accum_steps - 1)  # DDP: all-reduce on the last micro-step only
+        require_grad_sync(model, micro_step == accum_steps - 1)  # DDP: all-reduce on the last micro-step only
         with rt.autocast():
             loss = model(x, y)[1]  # the logits are not kept: they would live on through the next forward
         loss = loss * ((y != IGNORE_INDEX).sum() * rt.world_size / labels_in_step)

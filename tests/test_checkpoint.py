@@ -12,7 +12,9 @@ import sample
 from checkpoint import MetricsLog, load_checkpoint, load_model, save_checkpoint
 from conftest import REPO
 from model import GPT, GPTConfig
-from runtime import Runtime, UserError, build_training
+from cli import UserError
+from parallel import build_training
+from runtime import Runtime
 
 # written by the code as it was before the checkpoint module existed (a 1-layer model after one AdamW step)
 OLD_CHECKPOINT = os.path.join(os.path.dirname(__file__), "fixtures", "ckpt_before_issue_12.pt")

@@ -20,7 +20,8 @@ import train
 from conftest import REPO
 from data import LOADERS
 from model import GPT, preset_config
-from runtime import build_training, setup_runtime
+from parallel import build_training
+from runtime import setup_runtime
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

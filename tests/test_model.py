@@ -118,27 +118,6 @@ def test_our_cross_entropy_has_pytorch_s_loss_and_gradient(reduction):
     assert grad_ours[::5].abs().max() == 0  # unlabelled rows get no gradient
 
 
-def test_the_optimizer_decays_matrices_and_embeddings_but_not_biases_and_gains():
-    model = GPT(tiny_config())
-    decayed, not_decayed = model.configure_optimizer(weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95)).param_groups
-    assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
-    assert {id(p) for p in decayed["params"]} == {id(p) for p in model.parameters() if p.dim() == 2}
-    assert all(p.dim() == 1 for p in not_decayed["params"])
-    assert len(decayed["params"]) + len(not_decayed["params"]) == len(list(model.parameters()))  # tied: counted once
-
-
-def test_muon_updates_the_blocks_weight_matrices_and_adamw_everything_else():
-    model = GPT(tiny_config())
-    optimizer = model.configure_optimizer(weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95), optimizer="muon")
-    muon, adamw = optimizer.optimizers["muon"], optimizer.optimizers["adamw"]
-    matrices = {id(p) for block in model.transformer.h for p in block.parameters() if p.dim() == 2}
-    assert {id(p) for group in muon.param_groups for p in group["params"]} == matrices
-    others = {id(p) for p in model.parameters()} - matrices  # embeddings (the tied head with them), biases, gains
-    assert {id(p) for group in adamw.param_groups for p in group["params"]} == others
-    assert id(model.lm_head.weight) in others and len(matrices) == 4 * model.config.n_layer
-    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 1e-3, model_module.MUON_LR_SCALE * 1e-3]
-
-
 def test_residual_projections_start_smaller_by_sqrt_of_twice_the_depth():
     torch.manual_seed(0)
     model = GPT(tiny_config(n_layer=8, n_embd=256, n_head=4))
