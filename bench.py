@@ -11,8 +11,8 @@ Benchmarks: training steps, and decoding.
 
 Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from parallel.build_training and the
 batches from data.py's loaders, as in train.py. After --warmup steps, times --steps optimizer steps: each micro-step's
-forward and backward (gradients synced on the last), then clipping and the AdamW step. Reports tokens/s, ms/step,
-MFU and peak memory. MFU is against Runtime.peak_flops: the data sheet's bf16/fp16 peak for known GPUs, otherwise a
+forward and backward (gradients synced on the last), then clipping and the optimizer's step. Reports tokens/s, ms/step
+(and its two parts: forward+backward, and the optimizer), MFU and peak memory. MFU is against Runtime.peak_flops: the data sheet's bf16/fp16 peak for known GPUs, otherwise a
 large matmul timed on the spot in the run's dtype. Peak memory is the most the tensors held during one more step
 (runtime.peak_memory_bytes: CUDA's allocator on a GPU, the profiler on a CPU), model and optimizer included, per
 process under torchrun, with the weights, gradients and optimizer state alone, and memory_estimate's figure.
@@ -65,6 +65,9 @@ def build_parser():
     a("--reduce_dtype", default="float32", choices=["float32", "bfloat16"], help="under torchrun, the dtype in which "
       "gradients are all-reduced, as in train.py")
     a("--optimizer", default="muon", choices=["adamw", "muon"], help="as in train.py")
+    a("--spread_muon", action=argparse.BooleanOptionalAction, default=True, help="under torchrun with DDP, Muon "
+      "orthogonalises each matrix on one process and shares the result; --no-spread_muon does every matrix on every "
+      "process, as torch.optim.Muon would: to see what spreading saves")
     a("--fsdp", action="store_true", help="under torchrun, shard the model (FSDP2) instead of DDP, as in train.py")
     a("--activation_checkpointing", action="store_true", help="recompute activations in backward, as in train.py")
     a("--seed", type=int, default=1337, help="seeds the weights and the batches")
@@ -93,10 +96,14 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
                                               optimizer=args.optimizer, compile=args.compile,
                                               reduce_dtype=args.reduce_dtype, fsdp=args.fsdp,
                                               activation_checkpointing=args.activation_checkpointing)
+    if args.optimizer == "muon":
+        optimizer.optimizers["muon"].spread = args.spread_muon
     model.train()
 
+    seconds_in = {"forward_backward": 0.0, "optimizer": 0.0}  # where a step's time goes
+
     def step(number):  # what train.train_step computes, less its bookkeeping (schedule, loss weights, seeding)
-        tokens = 0
+        tokens, t0 = 0, time.perf_counter()
         for micro_step in range(accum_steps):
             x, y = rt.to_device(loader.get_batch("train", number, micro_step))
             require_grad_sync(model, micro_step == accum_steps - 1)
@@ -104,18 +111,25 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
                 loss = model(x, y)[1] / accum_steps
             scaler.scale(loss).backward()
             tokens += x.numel() * world_size  # padding included, as train.py counts
+        rt.synchronize()  # (on a GPU: one wait more a step, to see where the time goes)
+        t1 = time.perf_counter()
         optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+        rt.synchronize()
+        seconds_in["forward_backward"] += t1 - t0
+        seconds_in["optimizer"] += time.perf_counter() - t1
         return loss, tokens
 
     for number in range(args.warmup):
         step(number)
     rt.synchronize()
+    seconds_in.update(forward_backward=0.0, optimizer=0.0)
     t0, tokens = time.perf_counter(), 0
     for number in range(args.warmup, args.warmup + args.steps):
         loss, step_tokens = step(number)
         tokens += step_tokens
     loss.item()  # waits for the last step
     seconds = time.perf_counter() - t0
+    step_parts = {name: max(rt.gather(part)) / args.steps * 1000 for name, part in seconds_in.items()}  # ms a step
     # what lives from step to step: weights, optimizer state, and under DDP the gradients (in its buckets); this
     # rank's shards of them under FSDP
     params = list(raw_model.parameters())
@@ -131,7 +145,10 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
     mfu = raw_model.flops_per_token(seq_len) * tokens_per_sec / (peak * world_size)
     return {"params": raw_model.num_params(), "batch_size": args.batch_size, "seq_len": seq_len,
             "accum_steps": accum_steps, "processes": world_size, "tokens_per_step": total_batch_size,
-            "ms_per_step": seconds_per_step * 1000, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
+            "ms_per_step": seconds_per_step * 1000,
+            # the slowest rank's parts (under Muon each rank orthogonalises its own share of the matrices)
+            "forward_backward_ms": step_parts["forward_backward"], "optimizer_ms": step_parts["optimizer"],
+            "tokens_per_sec": tokens_per_sec, "mfu": mfu,
             "peak_tflops": peak / 1e12,
             # per process: the worst moment of a step, and the weights + gradients + optimizer state within it
             "peak_memory_gb": max(rt.gather(peak_memory)) / 1e9,

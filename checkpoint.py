@@ -143,6 +143,14 @@ def load_model(source, dropout=0.0):
         raise UserError(str(e))
 
 
+def trained_with(source):
+    """The optimizer the weights at source were trained with: a checkpoint's --optimizer ("adamw" for checkpoints from
+    before there was a choice), else "adamw" (OpenAI trained GPT-2 with Adam). Fine-tuning goes on with it."""
+    if not is_checkpoint(source):
+        return "adamw"
+    return load_checkpoint(source, mmap=True)["config"].get("optimizer", "adamw")
+
+
 def claim_out_dir(out_dir):
     """--out_dir for this run alone: created if needed, locked for as long as this process lives, and checked to be
     writable before the first step (a run that could not save would lose its training at the first checkpoint).

@@ -7,21 +7,25 @@ update after a step's backward passes (unscale, clip, step, zero), with the Grad
     grad_norm = optimizer_step(model, optimizer, scaler, grad_clip=1.0)
 """
 
+import math
 import sys
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
-def build_optimizer(model, weight_decay, lr, betas, optimizer="adamw", muon_lr=None, muon_momentum=0.9):
-    """The optimizer, built after the model is on its device. "adamw": AdamW in two groups. Weight decay pulls
-    weights toward 0: right for matrices and embeddings, which it keeps from growing; wrong for biases and
-    LayerNorm gains, whose scale is meaningful. Those are exactly the 1-D parameters. The fused kernel (all
+def build_optimizer(model, weight_decay, lr, betas, optimizer="adamw", muon_lr=None, muon_momentum=0.9,
+                    ns_dtype=torch.bfloat16):
+    """The optimizer, built after the model is on its device (or sharded). "adamw": AdamW in two groups. Weight
+    decay pulls weights toward 0: right for matrices and embeddings, which it keeps from growing; wrong for biases
+    and LayerNorm gains, whose scale is meaningful. Those are exactly the 1-D parameters. The fused kernel (all
     parameters in a few launches instead of several per tensor) runs on CUDA and CPU tensors.
-    "muon": Muon (torch.optim.Muon) on the blocks' weight matrices, whose updates it orthogonalises (every
-    direction of the matrix moves as much: more learning per step than AdamW's), at muon_lr, with its update's
-    RMS matched to AdamW's so that the two learning rates are on one scale; AdamW as above for the rest (the
-    embeddings and tied head, which are lookups rather than transforms, biases and gains). Each group's
+    "muon": Muon (below) on the blocks' weight matrices, whose updates it orthogonalises (every direction of the
+    matrix moves as much: more learning per step than AdamW's), at muon_lr, with its update's RMS matched to
+    AdamW's so that the two learning rates are on one scale, orthogonalised in ns_dtype; AdamW as above for the
+    rest (the embeddings and tied head, which are lookups rather than transforms, biases and gains). Each group's
     "lr_scale" is its learning rate over lr, for the schedule to keep."""
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2} if optimizer == "muon" else set()
@@ -35,8 +39,8 @@ def build_optimizer(model, weight_decay, lr, betas, optimizer="adamw", muon_lr=N
     if optimizer == "adamw":
         return adamw
     muon_lr = muon_lr or MUON_LR_SCALE * lr
-    muon = torch.optim.Muon([p for p in params if id(p) in matrices], lr=muon_lr, weight_decay=weight_decay,
-                            momentum=muon_momentum, adjust_lr_fn="match_rms_adamw")
+    muon = Muon([p for p in params if id(p) in matrices], lr=muon_lr, weight_decay=weight_decay,
+                momentum=muon_momentum, ns_dtype=ns_dtype)
     muon.param_groups[0]["lr_scale"] = muon_lr / lr
     return Optimizers(adamw=adamw, muon=muon)
 
@@ -80,6 +84,174 @@ class Optimizers:
             raise ValueError(f"the saved optimizer state is not of {' + '.join(self.optimizers)}")
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state_dict[name])
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan's, as torch.optim.Muon computes it): momentum on the gradient, the Nesterov blend of the
+    two orthogonalised by Newton-Schulz iterations, decoupled weight decay, a step whose RMS matches AdamW's. The
+    same hyperparameters and state (a momentum_buffer per matrix) as torch.optim.Muon, so checkpoints of either
+    load into the other; what it adds is where the work is done. Orthogonalising a matrix needs all of it, and
+    costs far more than the rest of the update, so under torchrun each matrix is orthogonalised once for the whole
+    job, on the rank that owns it (owners balanced by the work, assign_owners), and the results are shared:
+    - replicated weights (DDP, or one process): every rank has every whole gradient; the owner orthogonalises, then
+      broadcasts the result to the others, in the dtype it was computed in (the ranks stay bit-identical);
+    - sharded weights (FSDP's DTensors, each rank a block of rows): the ranks send the owner their rows of the
+      momentum-blended gradient, and the owner sends each rank back its rows of the result (two all-to-alls per
+      step). The momentum stays sharded like the weights.
+    ns_dtype: the precision of the iterations. PyTorch's Muon runs them in bf16, which is fast where the hardware
+    multiplies bf16 (GPUs since Ampere, CPUs with AMX or AVX512-BF16) and many times slower than fp32 where it is
+    emulated: parallel.build_training picks by what the device has. spread=False orthogonalises every matrix on
+    every rank (PyTorch's way): the same result, for comparison."""
+
+    def __init__(self, params, lr, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn="match_rms_adamw",
+                 ns_dtype=torch.bfloat16, spread=True):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
+                                      adjust_lr_fn=adjust_lr_fn))
+        self.ns_dtype, self.spread = ns_dtype, spread
+        self.orthogonalised = 0  # matrices this process has orthogonalised: its share of the job's work
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            blended = [self.momentum_blend(p, group) for p in params]  # this rank's rows, under FSDP
+            for p, update in zip(params, self.orthogonalise(params, blended, group)):
+                weights = local(p)
+                weights.mul_(1 - group["lr"] * group["weight_decay"])
+                weights.add_(update, alpha=-adjusted_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+
+    def momentum_blend(self, p, group):
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)  # sharded like the gradient under FSDP
+        buffer, grad = local(state["momentum_buffer"]), local(p.grad)
+        buffer.lerp_(grad, 1 - group["momentum"])
+        return grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+
+    def newton_schulz(self, update, group):
+        self.orthogonalised += 1
+        return newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+
+    def orthogonalise(self, params, blended, group):
+        """The orthogonalised updates, in the order of params: whole matrices, or this rank's rows of them."""
+        if params and isinstance(params[0], DTensor):
+            return self.orthogonalise_sharded(params, blended, group)
+        if not (self.spread and dist.is_initialized() and dist.get_world_size() > 1):
+            return [self.newton_schulz(update, group) for update in blended]
+        rank, world = dist.get_rank(), dist.get_world_size()
+        owners = assign_owners([p.shape for p in params], world)
+        results = [self.newton_schulz(u, group) if owner == rank else None for u, owner in zip(blended, owners)]
+        for owner in range(world):
+            mine = [i for i in range(len(params)) if owners[i] == owner]
+            if not mine:
+                continue
+            if owner == rank:
+                flat = torch.cat([results[i].flatten() for i in mine])
+            else:
+                flat = torch.empty(sum(params[i].numel() for i in mine), dtype=self.ns_dtype, device=params[0].device)
+            dist.broadcast(flat, src=owner)
+            for i, piece in zip(mine, flat.split([params[i].numel() for i in mine])):
+                results[i] = piece.view(params[i].shape)
+        return results
+
+    def orthogonalise_sharded(self, params, blended, group):
+        """FSDP: each rank holds a block of rows of each matrix (Shard(0)). Every rank sends each owner its rows of
+        the owner's matrices (one all-to-all); the owners orthogonalise them whole; every rank gets its rows of the
+        results back (a second all-to-all)."""
+        for p in params:
+            if p.placements != (Shard(0),):
+                raise ValueError(f"Muon expects parameters sharded by rows (Shard(0)), not {p.placements}")
+        process_group = params[0].device_mesh.get_group()
+        rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+        owners = assign_owners([p.shape for p in params], world)
+        rows = [shard_rows(p.shape[0], world) for p in params]  # rows[i][r]: rank r's rows of matrix i
+        owned_by = [[i for i in range(len(params)) if owners[i] == r] for r in range(world)]
+        mine = owned_by[rank]
+        device = blended[0].device if blended else params[0].device
+
+        def piece_sizes(matrices, r):  # the elements of rank r's rows of these matrices
+            return [rows[i][r] * params[i].shape[1] for i in matrices]
+
+        # there: my rows of each owner's matrices, to the owner
+        sent = [sum(piece_sizes(owned_by[r], rank)) for r in range(world)]
+        received = [sum(piece_sizes(mine, r)) for r in range(world)]
+        inbox = torch.empty(sum(received), dtype=blended[0].dtype, device=device)
+        dist.all_to_all_single(inbox, flat([blended[i] for r in range(world) for i in owned_by[r]], blended[0].dtype,
+                                           device), received, sent, group=process_group)
+        from_rank = [part.split(piece_sizes(mine, r)) for r, part in enumerate(inbox.split(received))]
+        results = {}
+        for k, i in enumerate(mine):
+            whole = torch.cat([from_rank[r][k].view(rows[i][r], params[i].shape[1]) for r in range(world)])
+            results[i] = self.newton_schulz(whole, group).split(rows[i])  # cut back into each rank's rows
+        # back: each rank's rows of my results
+        inbox = torch.empty(sum(sent), dtype=self.ns_dtype, device=device)
+        dist.all_to_all_single(inbox, flat([results[i][r] for r in range(world) for i in mine], self.ns_dtype, device),
+                               sent, received, group=process_group)
+        updates = [None] * len(params)
+        for r, part in enumerate(inbox.split(sent)):
+            for i, piece in zip(owned_by[r], part.split(piece_sizes(owned_by[r], rank))):
+                updates[i] = piece.view(rows[i][rank], params[i].shape[1])
+        return updates
+
+
+def newton_schulz(update, coefficients, steps, eps, dtype):
+    """The update's orthogonalisation (about U V^T of its SVD U S V^T, with singular values near 1 rather than
+    exactly), torch.optim.Muon's quintic iteration computed in `dtype`. Works on the wide orientation (rows <=
+    columns), where the Gram matrix X X^T is the smaller one."""
+    a, b, c = coefficients
+    x = update.to(dtype)
+    tall = update.size(0) > update.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def adjusted_lr(lr, adjust_lr_fn, shape):
+    """torch.optim.Muon's scaling of the learning rate by the matrix's shape. match_rms_adamw: an update whose RMS
+    is AdamW's (0.2 sqrt(max(rows, columns)), Moonshot's "Muon is Scalable"); original: Keller Jordan's."""
+    rows, columns = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, columns))
+    if adjust_lr_fn in (None, "original"):
+        return lr * math.sqrt(max(1, rows / columns))
+    return lr
+
+
+def assign_owners(shapes, world):
+    """The rank that orthogonalises each matrix: the costliest first, each to the rank with the least work so far
+    (the same answer on every rank). A Newton-Schulz iteration on an m x n matrix (m <= n) costs about 4 m^2 n +
+    2 m^3 multiply-adds."""
+    costs = [4 * min(s) ** 2 * max(s) + 2 * min(s) ** 3 for s in shapes]
+    owners, load = [0] * len(shapes), [0] * world
+    for i in sorted(range(len(shapes)), key=lambda i: (-costs[i], i)):
+        owners[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owners[i]] += costs[i]
+    return owners
+
+
+def shard_rows(n, world):
+    """How many of n rows each of `world` ranks holds under Shard(0): torch.chunk's split (ceil(n / world) each,
+    the last ranks fewer or none), as FSDP2 shards."""
+    size = -(-n // world)
+    return [max(0, min(size, n - r * size)) for r in range(world)]
+
+
+def local(t):
+    """This rank's part of a tensor: a DTensor's local shard (a view: writing to it writes the DTensor), or t."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def flat(tensors, dtype, device):
+    """The tensors' elements, one after another, in one 1-D tensor (an empty one for none)."""
+    return torch.cat([t.flatten() for t in tensors]) if tensors else torch.empty(0, dtype=dtype, device=device)
 
 
 def restore_grad_scaler(scaler, saved, rt):

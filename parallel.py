@@ -12,8 +12,7 @@ either way (gathered to rank 0), so a run resumes with or without FSDP, on any n
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cli import UserError
-from optim import build_optimizer, restore_grad_scaler
+from optim import Optimizers, build_optimizer, restore_grad_scaler
 
 
 def build_training(model, rt, *, weight_decay, lr, betas, optimizer="adamw", muon_lr=None, muon_momentum=0.9,
@@ -25,15 +24,15 @@ def build_training(model, rt, *, weight_decay, lr, betas, optimizer="adamw", muo
     scaler): step_model is what the step calls; `model` itself (unwrapped; sharded in place by fsdp) is what
     checkpoints save and samples use. The optimizer is optim.build_optimizer's. train.py and bench.py both
     build through here."""
-    if fsdp and optimizer != "adamw":
-        # Muon orthogonalises whole matrices, and FSDP gives each rank a slice of each: not built here
-        raise UserError(f"--optimizer {optimizer} does not work with --fsdp: use --optimizer adamw, or DDP")
     model.activation_checkpointing = activation_checkpointing
     if fsdp:
         shard_model(model, rt, reduce_dtype)
     else:
         model.to(rt.device)
-    optimizer = build_optimizer(model, weight_decay, lr, betas, optimizer, muon_lr, muon_momentum)
+    # Muon's orthogonalisation in bf16 where the device multiplies bf16 natively, else in fp32 (emulated bf16 is
+    # many times slower on a CPU without bf16 units)
+    optimizer = build_optimizer(model, weight_decay, lr, betas, optimizer, muon_lr, muon_momentum,
+                                ns_dtype=torch.bfloat16 if rt.native_bf16 else torch.float32)
     scaler = rt.grad_scaler()
     if state is not None:
         load_training_state(model, optimizer, state["model"], state["optimizer"])
@@ -83,22 +82,22 @@ def require_grad_sync(model, sync):
 
 
 def training_state(model, optimizer):
-    """The model's and the optimizer's state dicts as checkpoints hold them: full tensors, the optimizer's state
-    keyed by position (torch.optim's own layout). A sharded model's are gathered to rank 0's CPU, one tensor at a
-    time (a collective: every rank calls this; the others get empty dicts)."""
+    """The model's and the optimizer's state dicts as checkpoints hold them: full tensors, each optimizer's state
+    keyed by position (torch.optim's own layout; an Optimizers pair holds one such dict per optimizer). A sharded
+    model's are gathered to rank 0's CPU, one tensor at a time (a collective: every rank calls this; the others get
+    empty dicts)."""
     if not is_sharded(model):
         return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
 
-    model_state, by_name = get_state_dict(model, optimizer,
-                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not by_name:
-        return model_state, by_name
-    names = [name for group in by_name["param_groups"] for name in group["params"]]
-    position = {name: i for i, name in enumerate(names)}
-    return model_state, {"state": {position[name]: s for name, s in by_name["state"].items()},
-                         "param_groups": [{**g, "params": [position[n] for n in g["params"]]}
-                                          for g in by_name["param_groups"]]}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # the model's first: it reshards what an evaluation's forward left gathered (the root's weights), so that the
+    # model's parameters are again the sharded ones the optimizer holds
+    model_state = get_model_state_dict(model, options=options)
+    states = {name: by_position(get_optimizer_state_dict(model, part, options=options))
+              for name, part in optimizer_parts(optimizer).items()}
+    return model_state, states if None not in states else states[None]
 
 
 def load_training_state(model, optimizer, model_state, optimizer_state):
@@ -108,15 +107,38 @@ def load_training_state(model, optimizer, model_state, optimizer_state):
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    parts = optimizer_parts(optimizer)
+    saved = {None: optimizer_state} if None in parts else optimizer_state
+    if set(saved) != set(parts):
+        raise ValueError(f"the saved optimizer state is not of {' + '.join(map(str, parts))}")
     name_of = {id(p): name for name, p in model.named_parameters()}
-    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    by_name = {"state": {names[i]: s for i, s in optimizer_state["state"].items()},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                                for g in optimizer_state["param_groups"]]}
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=by_name,
-                   options=StateDictOptions(full_state_dict=True))
+    for name, part in parts.items():
+        names = [name_of[id(p)] for group in part.param_groups for p in group["params"]]
+        by_name = {"state": {names[i]: s for i, s in saved[name]["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                    for g in saved[name]["param_groups"]]}
+        set_optimizer_state_dict(model, part, by_name, options=options)
+
+
+def optimizer_parts(optimizer):
+    """The torch.optim optimizers in optimizer, by name: an Optimizers pair's, or {None: optimizer}."""
+    return optimizer.optimizers if isinstance(optimizer, Optimizers) else {None: optimizer}
+
+
+def by_position(by_name):
+    """An optimizer state dict keyed by parameter names (PyTorch's distributed checkpointing) keyed by positions
+    instead (torch.optim's own layout, as an unsharded model's optimizer writes it)."""
+    if not by_name:  # (ranks other than 0)
+        return by_name
+    names = [name for group in by_name["param_groups"] for name in group["params"]]
+    position = {name: i for i, name in enumerate(names)}
+    return {"state": {position[name]: s for name, s in by_name["state"].items()},
+            "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in by_name["param_groups"]]}
 
 
 def bf16_gradient_hook(process_group, bucket) -> torch.futures.Future[torch.Tensor]:

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import functools
 import gc
 import os
 import sys
@@ -40,6 +41,17 @@ class Runtime:
     @property
     def master(self):  # only rank 0 prints and writes files
         return self.rank == 0
+
+    @functools.cached_property
+    def native_bf16(self):
+        """Whether the device multiplies bf16 matrices natively, faster than fp32: GPUs since Ampere, CPUs with bf16
+        units (AMX, AVX512-BF16, Arm's BF16). Elsewhere bf16 is emulated, many times slower. On a CPU the ranks time
+        it separately, and agree on bf16 only if all of them found it faster."""
+        if self.device_type == "cuda":
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        if self.device_type == "cpu":
+            return not self.any_rank(not cpu_bf16_is_faster())
+        return False
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -144,19 +156,17 @@ def setup_runtime(device="auto", dtype="auto"):
         rt.device = f"cuda:{torch.cuda.current_device()}"  # join_job's choice under torchrun
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
+    rt.native_bf16  # (measured here, where every rank is: a CPU's ranks agree on it)
     rt.dtype = getattr(torch, auto_dtype(rt) if dtype == "auto" else dtype)
     return rt
 
 
 def auto_dtype(rt):
-    """--dtype auto: the fastest dtype the device runs natively."""
+    """--dtype auto: the fastest dtype the device runs natively. GPUs without native bf16 (V100s and T4s emulate it
+    slowly) do better in fp16 with a scaler."""
     if rt.device_type == "cuda":
-        # native bf16 only (Ampere and later): V100s and T4s emulate it slowly, and do better in fp16 with a scaler
-        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
-    if rt.device_type == "cpu":
-        # ranks time it separately: they agree on bf16 only if all of them found it faster
-        return "float32" if rt.any_rank(not cpu_bf16_is_faster()) else "bfloat16"
-    return "float32"
+        return "bfloat16" if rt.native_bf16 else "float16"
+    return "bfloat16" if rt.native_bf16 else "float32"
 
 
 def agrees_with_rank0(values):

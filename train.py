@@ -22,7 +22,8 @@ import sys
 import numpy as np
 import torch
 
-from checkpoint import CHECKPOINT, METRICS, MetricsLog, claim_out_dir, load_checkpoint, load_model, save_checkpoint
+from checkpoint import (CHECKPOINT, METRICS, MetricsLog, claim_out_dir, load_checkpoint, load_model, save_checkpoint,
+                        trained_with)
 from data import EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, Loader, accumulation_steps, get_tokenizer
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
 from cli import (OneLineParser, UserError, add_device_flags, fraction, non_negative_float, non_negative_int,
@@ -37,6 +38,11 @@ DEFAULT_MODEL = "gpt2-micro"
 # they are the embeddings' and gains' (AdamW's), which learn best faster, and with a longer memory of their gradients'
 # scale, than AdamW alone can take for the whole model.
 OPTIMIZER_DEFAULTS = {"adamw": {"max_lr": 2e-3, "beta2": 0.95}, "muon": {"max_lr": 4e-3, "beta2": 0.99}}
+# With --init_from the weights are already trained, and the defaults above (a from-scratch schedule) would undo much
+# of it in a few steps: fine-tuning's defaults instead, a small constant learning rate as in the classic recipes
+# (nanoGPT's finetune config), with the optimizer the weights were trained with (AdamW for OpenAI's). Chosen by
+# measurement (README.md, fine-tuning); flags given explicitly win.
+FINE_TUNING_DEFAULTS = {"max_lr": 3e-5, "warmup_steps": 0}  # and --min_lr = --max_lr, --optimizer: see above
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 SHAPE_FLAGS = {"model", "n_layer", "n_head", "n_embd"}
 
@@ -51,7 +57,10 @@ def build_parser():
     a("--model", default=DEFAULT_MODEL, help=f"preset: {', '.join(PRESETS)}")
     a("--init_from", help="start from these weights instead of random ones, taking the model's shape from them: "
       "a checkpoint (out/ckpt.pt or its directory), a Hugging Face GPT-2 directory, or gpt2, gpt2-medium, ... "
-      "(downloaded when online)")
+      "(downloaded when online). The defaults then become a fine-tuning recipe that keeps what the weights know: "
+      "--optimizer as the weights were trained (a checkpoint's; adamw for GPT-2's), "
+      + " ".join(f"--{k} {v:g}" for k, v in FINE_TUNING_DEFAULTS.items()) + ", --min_lr = --max_lr (the flags you "
+      "give win)")
     a("--n_layer", type=positive_int, help="override the preset's number of layers")
     a("--n_head", type=positive_int, help="override the preset's number of attention heads")
     a("--n_embd", type=positive_int, help="override the preset's width")
@@ -64,7 +73,8 @@ def build_parser():
     a("--warmup_steps", type=non_negative_int, default=20, help="steps of linear warmup from 0 to max_lr")
     a("--max_lr", type=positive_float, help="peak learning rate (of AdamW's parameters; default: "
       + ", ".join(f"{d['max_lr']:g} with {name}" for name, d in OPTIMIZER_DEFAULTS.items()) + ")")
-    a("--min_lr", type=non_negative_float, help="learning rate at max_steps, after cosine decay (default: max_lr / 10)")
+    a("--min_lr", type=non_negative_float, help="learning rate at max_steps, after cosine decay (default: max_lr / 10; "
+      "with --init_from, max_lr: a constant rate)")
     a("--optimizer", default="muon", choices=["adamw", "muon"], help="muon: Muon on the blocks' weight matrices, "
       "AdamW (at --max_lr) on the embeddings, biases and gains; adamw: AdamW on all")
     a("--muon_lr", type=positive_float, help=f"--optimizer muon: the peak learning rate of the Muon group (default: "
@@ -135,8 +145,8 @@ def batch_geometry(args, cfg, world_size):
     for name, value in OPTIMIZER_DEFAULTS[args.optimizer].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.min_lr is None:
-        args.min_lr = args.max_lr / 10
+    if args.min_lr is None:  # fine-tuning: a constant rate
+        args.min_lr = args.max_lr if args.init_from else args.max_lr / 10
     if args.total_batch_size is None:  # no accumulation
         args.total_batch_size = args.batch_size * args.seq_len * world_size
     return accumulation_steps(args.total_batch_size, args.batch_size, args.seq_len, world_size)
@@ -283,6 +293,12 @@ def setup(args, given):
         if given & SHAPE_FLAGS:
             raise UserError(f"--init_from takes the model's shape from {args.init_from}: drop --model, --n_layer, "
                             f"--n_head and --n_embd")
+        recipe = {"optimizer": trained_with(args.init_from), **FINE_TUNING_DEFAULTS}
+        fine_tuning = {name: value for name, value in recipe.items() if name not in given}
+        vars(args).update(fine_tuning)
+        if fine_tuning and os.environ.get("RANK", "0") == "0":
+            print("--init_from: fine-tuning defaults " + " ".join(f"--{name} {value}" for name, value in
+                                                                fine_tuning.items()), file=sys.stderr)
         init_model = load_model(args.init_from, dropout=args.dropout)
         cfg = init_model.config
     else:

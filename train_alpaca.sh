@@ -2,7 +2,7 @@
 # Instruction fine-tuning on Alpaca-style records (prompt masked out, loss on the response only).
 #
 #   ./train_alpaca.sh          # gpt2-micro from scratch on alpaca_sample.json: a few minutes on a CPU
-#   INIT_FROM=gpt2 DATASET_PATH=data/alpaca_data.json MAX_STEPS=2000 MAX_LR=2e-5 ./train_alpaca.sh --device cuda
+#   INIT_FROM=gpt2 DATASET_PATH=data/alpaca_data.json MAX_STEPS=2000 ./train_alpaca.sh --device cuda   # fine-tuning
 #   NPROC_PER_NODE=8 INIT_FROM=gpt2-medium SEQ_LEN=512 ./train_alpaca.sh
 #
 # Every variable below can be set from the environment; extra arguments go to train.py as they are.
@@ -14,17 +14,18 @@ DATASET_PATH="${DATASET_PATH:-$REPO/alpaca_sample.json}"  # a JSON list or JSONL
 BATCH_SIZE="${BATCH_SIZE:-8}"                  # examples per micro-batch, per process
 SEQ_LEN="${SEQ_LEN:-256}"                      # longest example in tokens: longer responses are cut, longer prompts dropped
 MAX_STEPS="${MAX_STEPS:-150}"                  # optimizer steps (about 1.3 s each for the defaults on a 2-core CPU)
-WARMUP_STEPS="${WARMUP_STEPS:-20}"             # steps of linear warmup to MAX_LR
-MAX_LR="${MAX_LR:-1e-3}"                       # peak learning rate: ~1e-3 from scratch, ~2e-5 when fine-tuning a pretrained GPT-2
-WEIGHT_DECAY="${WEIGHT_DECAY:-0.1}"            # weight decay
-OPTIMIZER="${OPTIMIZER:-adamw}"                # adamw (its learning rates above are tuned for it), or muon
 INIT_FROM="${INIT_FROM:-}"                     # weights to start from (ckpt.pt, out_dir, HF dir, gpt2...); empty: from scratch
+# From scratch, the three below default to AdamW at 1e-3 after 20 warmup steps; with INIT_FROM, to train.py's
+# fine-tuning recipe (AdamW at a constant 3e-5, no warmup: train.py --help), which keeps what the weights know.
+WARMUP_STEPS="${WARMUP_STEPS:-}"               # steps of linear warmup to MAX_LR
+MAX_LR="${MAX_LR:-}"                           # peak learning rate
+OPTIMIZER="${OPTIMIZER:-}"                     # adamw, or muon
+WEIGHT_DECAY="${WEIGHT_DECAY:-0.1}"            # weight decay
 OUT_DIR="${OUT_DIR:-out-alpaca}"               # where ckpt.pt and metrics.jsonl go
 MODEL="${MODEL:-}"                             # preset when training from scratch (empty: gpt2-micro); INIT_FROM sets the shape otherwise
 
 args=(--dataset_type alpaca --dataset_path "$DATASET_PATH" --batch_size "$BATCH_SIZE" --seq_len "$SEQ_LEN"
-      --max_steps "$MAX_STEPS" --warmup_steps "$WARMUP_STEPS" --max_lr "$MAX_LR" --weight_decay "$WEIGHT_DECAY"
-      --optimizer "$OPTIMIZER" --out_dir "$OUT_DIR")
+      --max_steps "$MAX_STEPS" --weight_decay "$WEIGHT_DECAY" --out_dir "$OUT_DIR")
 if [[ -n "$INIT_FROM" ]]; then
     if [[ -n "$MODEL" ]]; then
         echo "error: set MODEL or INIT_FROM, not both: INIT_FROM's weights decide the model's shape" >&2
@@ -33,7 +34,11 @@ if [[ -n "$INIT_FROM" ]]; then
     args+=(--init_from "$INIT_FROM")
 else
     args+=(--model "${MODEL:-gpt2-micro}")
+    WARMUP_STEPS="${WARMUP_STEPS:-20}" MAX_LR="${MAX_LR:-1e-3}" OPTIMIZER="${OPTIMIZER:-adamw}"
 fi
+[[ -n "$WARMUP_STEPS" ]] && args+=(--warmup_steps "$WARMUP_STEPS")
+[[ -n "$MAX_LR" ]] && args+=(--max_lr "$MAX_LR")
+[[ -n "$OPTIMIZER" ]] && args+=(--optimizer "$OPTIMIZER")
 
 if [[ "$NPROC_PER_NODE" -eq 1 ]]; then
     exec python "$REPO/train.py" "${args[@]}" "$@"

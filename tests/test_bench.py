@@ -24,6 +24,9 @@ def test_training_benchmark_reports_speed_mfu_and_memory_as_a_json_line(small_te
     assert result["mode"] == "train" and result["tokens_per_step"] == 64 and result["dtype"] == "float32"
     assert result["tokens_per_sec"] > 0 and 0 < result["mfu"] < 1 and result["peak_memory_gb"] > 0
     assert result["tokens_per_sec"] == pytest.approx(64 / (result["ms_per_step"] / 1000), rel=1e-3)
+    # the step's two parts: forward and backward, then the optimizer (its share shows what Muon costs)
+    assert 0 < result["optimizer_ms"] < result["ms_per_step"] and 0 < result["forward_backward_ms"]
+    assert result["forward_backward_ms"] + result["optimizer_ms"] == pytest.approx(result["ms_per_step"], rel=0.1)
 
 
 def test_decoding_benchmark_checks_the_cache_against_no_cache_and_transformers():
@@ -33,6 +36,7 @@ def test_decoding_benchmark_checks_the_cache_against_no_cache_and_transformers()
     assert result["same_tokens_with_and_without_cache"] and result["same_tokens_as_transformers"]
 
 
+@pytest.mark.slow
 def test_under_torchrun_fsdp_holds_half_of_ddp_s_weights_gradients_and_optimizer_state_per_rank(small_text):
     flags = ["bench.py", *NANO, "--dataset_path", small_text, "--seq_len", "32", "--batch_size", "2", "--steps", "1",
              "--warmup", "1"]
@@ -50,6 +54,7 @@ def test_under_torchrun_fsdp_holds_half_of_ddp_s_weights_gradients_and_optimizer
     assert max(fsdp["peak_memory_gb_per_rank"]) < min(ddp["peak_memory_gb_per_rank"])
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_lowers_the_peak_memory_of_a_step(small_text):
     # a shape whose block activations are a fair part of the step (the output layer's logits are the rest)
     flags = ["--dataset_path", small_text, "--n_layer", "4", "--n_embd", "128", "--n_head", "4", "--seq_len", "64",

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from optim import MUON_LR_SCALE, build_optimizer, optimizer_step
+from optim import MUON_LR_SCALE, Muon, assign_owners, build_optimizer, newton_schulz, optimizer_step, shard_rows
 
 
 def tiny_config(**overrides):
@@ -44,3 +44,65 @@ def test_gradients_are_clipped_to_the_cap_and_the_norm_before_clipping_returned(
     torch.testing.assert_close(norm, norm_before)
     assert norm > 1 and clipped[0].item() == pytest.approx(1.0, rel=1e-4)
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
+
+
+def random_matrices(shapes, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=generator) for shape in shapes]
+
+
+MATRIX_SHAPES = [(48, 16), (16, 16), (64, 16), (16, 64)]  # a block's c_attn, attn c_proj, c_fc, mlp c_proj
+
+
+def test_muon_makes_torch_optim_muon_s_updates_and_reads_its_state():
+    # the same update in the same precision (bf16 iterations), and checkpoints of either load in the other
+    ours = [torch.nn.Parameter(m) for m in random_matrices(MATRIX_SHAPES, 0)]
+    theirs = [torch.nn.Parameter(m.clone()) for m in ours]
+    settings = dict(lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    muon, reference = Muon(ours, ns_dtype=torch.bfloat16, **settings), torch.optim.Muon(theirs, **settings)
+    for step in range(3):
+        for a, b, grad in zip(ours, theirs, random_matrices(MATRIX_SHAPES, 1 + step)):
+            a.grad, b.grad = grad, grad.clone()
+        muon.step()
+        reference.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)
+    assert muon.orthogonalised == 3 * len(MATRIX_SHAPES)
+    restored = torch.optim.Muon([torch.nn.Parameter(m.clone()) for m in ours], **settings)
+    restored.load_state_dict(muon.state_dict())
+    assert all(torch.equal(restored.state[p]["momentum_buffer"], muon.state[q]["momentum_buffer"])
+               for p, q in zip(restored.param_groups[0]["params"], ours))
+
+
+def test_orthogonalising_in_float32_gives_an_orthogonal_update_close_to_bf16_s():
+    # where bf16 is emulated (many times slower than fp32) the iterations run in fp32: the same update, closely
+    coefficients = (3.4445, -4.775, 2.0315)
+    for shape in MATRIX_SHAPES:
+        k = min(shape)
+        u, _ = torch.linalg.qr(random_matrices([(shape[0], k)], 1)[0])
+        v, _ = torch.linalg.qr(random_matrices([(shape[1], k)], 2)[0])
+        update = u @ torch.diag(torch.logspace(-1, 1, k)) @ v.T  # singular values from 0.1 to 10
+        fp32 = newton_schulz(update, coefficients, 5, 1e-7, torch.float32)
+        bf16 = newton_schulz(update, coefficients, 5, 1e-7, torch.bfloat16)
+        assert fp32.dtype == torch.float32 and fp32.shape == update.shape
+        torch.testing.assert_close(fp32, bf16.float(), atol=0.03, rtol=0.05)
+        # every direction moves about as much: singular values near 1 (Muon's iteration does not reach 1 exactly)
+        singular_values = torch.linalg.svdvals(fp32)
+        assert singular_values.min() > 0.3 and singular_values.max() < 1.5
+
+
+def test_each_matrix_has_one_owner_and_the_owners_share_the_work_evenly():
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12  # gpt2's blocks
+    for world in (2, 3, 8):
+        owners = assign_owners(shapes, world)
+        assert owners == assign_owners(shapes, world)  # every rank computes the same answer
+        work = [sum(4 * min(s) ** 2 * max(s) + 2 * min(s) ** 3 for s, o in zip(shapes, owners) if o == r)
+                for r in range(world)]
+        assert set(owners) == set(range(world)) and max(work) < 1.1 * sum(work) / world
+
+
+@pytest.mark.parametrize("rows, world", [(12, 2), (5, 2), (5, 4), (1, 3), (4800, 8)])
+def test_shard_rows_are_the_rows_fsdp_gives_each_rank(rows, world):
+    # FSDP2 shards dim 0 as torch.chunk does, with empty shards for the ranks it runs out of rows for
+    chunks = torch.arange(rows).chunk(world)
+    assert shard_rows(rows, world) == [len(c) for c in chunks] + [0] * (world - len(chunks))

@@ -1,14 +1,12 @@
 import os
 import socket
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
 import runtime
-from cli import UserError
 from model import GPT, GPTConfig
-from optim import optimizer_step
+from optim import Muon, optimizer_step
 from parallel import build_training
 from runtime import Runtime
 
@@ -77,16 +75,58 @@ def bf16_gradient_reduction_is_close_to_fp32(rt):
     torch.testing.assert_close(grads["bfloat16"], grads["float32"], rtol=1e-2, atol=1e-4)
 
 
+def spread_muon_equals_muon_on_every_rank(rt):
+    # what DDP hands the optimizer: the same whole gradients on every rank
+    shapes = [(48, 16), (16, 16), (64, 16), (16, 64)] * 2
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(*shape, generator=generator) for shape in shapes]
+    spread, alone = ([torch.nn.Parameter(w.clone()) for w in weights] for _ in range(2))
+    muons = [Muon(params, lr=0.02, momentum=0.9, ns_dtype=torch.float32, spread=flag)
+             for params, flag in ((spread, True), (alone, False))]
+    for step in range(3):
+        grads = [torch.randn(*shape, generator=generator) for shape in shapes]
+        for params, muon in zip((spread, alone), muons):
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+            muon.step()
+    for a, b in zip(spread, alone):
+        assert torch.equal(a, b)  # bit for bit: each result is computed once and copied
+    counts = rt.gather(muons[0].orthogonalised)
+    assert counts == [3 * len(shapes) / 2] * 2  # each rank orthogonalised its half of the matrices, once a step
+    assert muons[1].orthogonalised == 3 * len(shapes)  # where PyTorch's Muon does all of them on every rank
+
+
+def sharded_muon_equals_muon_on_whole_matrices(rt):
+    # FSDP's layout: each rank a block of rows of every matrix; odd row counts give the ranks unequal blocks
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (rt.world_size,))
+    shapes = [(5, 4), (4, 4), (9, 3), (1, 6), (16, 64)]
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(*shape, generator=generator) for shape in shapes]
+    whole = [torch.nn.Parameter(w.clone()) for w in weights]
+    sharded = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
+    muons = [Muon(params, lr=0.02, momentum=0.9, ns_dtype=torch.float32) for params in (whole, sharded)]
+    for step in range(3):
+        grads = [torch.randn(*shape, generator=generator) for shape in shapes]
+        for p, q, grad in zip(whole, sharded, grads):
+            p.grad, q.grad = grad.clone(), distribute_tensor(grad.clone(), mesh, [Shard(0)])
+        for muon in muons:
+            muon.step()
+    for p, q in zip(whole, sharded):
+        torch.testing.assert_close(q.full_tensor(), p.data, rtol=1e-5, atol=1e-6)
+    momentum = muons[1].state[sharded[0]]["momentum_buffer"]
+    assert momentum.placements == (Shard(0),)  # the momentum stays sharded, like the weights
+    torch.testing.assert_close(momentum.full_tensor(), muons[0].state[whole[0]]["momentum_buffer"])
+    assert sum(rt.gather(muons[1].orthogonalised)) == 3 * len(shapes)  # each matrix once a step, job-wide
+
+
 def test_ddp_on_two_gloo_processes():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(ddp_worker, args=(port, ["gradients_stay_in_ddp_buckets", "rank0_agreement_is_every_rank_s",
-                                      "bf16_gradient_reduction_is_close_to_fp32"]), nprocs=2)
-
-
-def test_muon_with_fsdp_is_refused_before_anything_is_built():
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50))
-    with pytest.raises(UserError, match="--optimizer muon does not work with --fsdp"):
-        build_training(model, runtime.Runtime("cpu", "cpu", torch.float32), weight_decay=0.1, lr=1e-3,
-                               betas=(0.9, 0.95), optimizer="muon", fsdp=True)
+                                      "bf16_gradient_reduction_is_close_to_fp32",
+                                      "spread_muon_equals_muon_on_every_rank",
+                                      "sharded_muon_equals_muon_on_whole_matrices"]), nprocs=2)

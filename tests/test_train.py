@@ -3,6 +3,7 @@ import ast
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -166,7 +167,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(small_text, tmp_path):
     assert records[-1]["step"] == step + 1
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+# slow: multi-process runs that repeat what a faster test covers for the default optimizer (pytest -m slow)
+@pytest.mark.parametrize("optimizer", [pytest.param("adamw", marks=pytest.mark.slow), "muon"])
 def test_torchrun_with_two_processes_equals_one_process_with_double_accumulation(optimizer, small_text, tmp_path):
     # 4 micro-batches of 2 sequences a step: 2 processes x 2 micro-steps, or 1 process x 4. Under Muon each rank
     # orthogonalises the same all-reduced gradient.
@@ -241,6 +243,33 @@ def test_init_from_starts_from_the_weights_with_their_shape_and_a_fresh_schedule
     x, y = TextLoader(small_text, 32, 4, 1).get_batch("train", 0, 0)
     with torch.no_grad():
         assert records[0]["loss"] == pytest.approx(start(x, y)[1].item(), rel=1e-5)
+
+
+def test_init_from_defaults_to_a_fine_tuning_recipe_and_flags_given_win(small_text, tmp_path, capsys):
+    # the from-scratch defaults (Muon at 4e-3, warmup, decay) would undo trained weights in a few steps
+    torch.manual_seed(0)
+    start = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=24, block_size=48))
+    save_checkpoint(str(tmp_path / "start.pt"), start, torch.optim.AdamW(start.parameters()),
+                    torch.amp.GradScaler("cpu", enabled=False), 7, argparse.Namespace(model="x"))
+    common = ["--dataset_path", small_text, "--seq_len", "32", "--batch_size", "2", "--max_steps", "2",
+              "--log_interval", "1", "--eval_steps", "1", "--sample_tokens", "0", "--device", "cpu", "--dtype",
+              "float32"]
+
+    def settings(out_dir, *flags):
+        train.main([*common, "--out_dir", str(tmp_path / out_dir), *flags])
+        config = torch.load(tmp_path / out_dir / "ckpt.pt", weights_only=True)["config"]
+        lrs = [r["lr"] for r in read_metrics(tmp_path / out_dir)]
+        return config["optimizer"], config["max_lr"], config["min_lr"], config["warmup_steps"], lrs
+
+    # weights trained with AdamW (or not saying: before there was a choice) go on with AdamW, at a small constant rate
+    init = ["--init_from", str(tmp_path / "start.pt")]
+    assert settings("fine_tuned", *init) == ("adamw", 3e-5, 3e-5, 0, [3e-5, 3e-5])
+    assert "--init_from: fine-tuning defaults --optimizer adamw --max_lr 3e-05 --warmup_steps 0" in capsys.readouterr().err
+    assert settings("given", *init, "--optimizer", "muon", "--max_lr", "1e-3", "--warmup_steps", "1") == \
+        ("muon", 1e-3, 1e-3, 1, [1e-3, 1e-3])
+    # a run trained with Muon (the default from scratch) is fine-tuned with Muon
+    assert settings("scratch", "--model", "gpt2-nano")[:4] == ("muon", 4e-3, 4e-4, 20)
+    assert settings("fine_tuned_muon", "--init_from", str(tmp_path / "scratch"))[:4] == ("muon", 3e-5, 3e-5, 0)
 
 
 def test_init_from_refuses_shape_flags_and_unknown_sources(small_text, tmp_path, capsys):
@@ -469,19 +498,24 @@ def write_hellaswag(path, n):
     return str(path)
 
 
-@pytest.mark.parametrize("dataset_type", ["text", "alpaca"])
-def test_fsdp_on_two_processes_equals_one_process_with_double_accumulation(dataset_type, small_text, tmp_path):
-    # 4 micro-batches of 2 sequences a step; 3 HellaSwag items, an uneven share (a sharded forward needs every rank)
+@pytest.mark.parametrize("dataset_type, optimizer, extra", [
+    ("text", "muon", []),
+    pytest.param("alpaca", "muon", ["--activation_checkpointing"], marks=pytest.mark.slow),
+    pytest.param("text", "adamw", [], marks=pytest.mark.slow)])
+def test_fsdp_on_two_processes_equals_one_process_with_double_accumulation(dataset_type, optimizer, extra, small_text,
+                                                                           tmp_path):
+    # 4 micro-batches of 2 sequences a step; 3 HellaSwag items, an uneven share (a sharded forward needs every rank).
+    # Muon gathers each sharded matrix's update on the rank that orthogonalises it, and hands back the shards.
     data = small_text if dataset_type == "text" else write_alpaca(tmp_path / "alpaca.json", 60)
     seq_len = 32 if dataset_type == "text" else 64  # an Alpaca prompt alone is about 40 tokens
-    flags = ["train.py", *TINY, "--dataset_type", dataset_type, "--dataset_path", data, "--max_steps", "4",
+    flags = ["train.py", *TINY, "--dataset_type", dataset_type, "--dataset_path", data, "--max_steps", "6",
              "--seq_len", str(seq_len), "--batch_size", "2", "--total_batch_size", str(4 * 2 * seq_len),
-             "--sample_tokens", "8",
-             "--hellaswag_path", write_hellaswag(tmp_path / "hs.jsonl", 3), "--hellaswag_interval", "2"]
+             "--sample_tokens", "8", "--optimizer", optimizer, "--eval_interval", "6",
+             "--hellaswag_path", write_hellaswag(tmp_path / "hs.jsonl", 3), "--hellaswag_interval", "3"]
     run_script(*flags, "--out_dir", str(tmp_path / "one"))
-    sharded = run_script(*flags, "--fsdp", "--out_dir", str(tmp_path / "two"), torchrun=True)
+    sharded = run_script(*flags, "--fsdp", *extra, "--out_dir", str(tmp_path / "two"), torchrun=True)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]
     for name in ("loss", "val_loss", "hellaswag_acc_norm"):
         assert [r[name] for r in two if name in r] == pytest.approx([r[name] for r in one if name in r], abs=1e-4)
     # the norm of gradients summed in another order (shard by shard): equal to rounding
@@ -493,7 +527,7 @@ def test_a_sharded_checkpoint_resumes_in_one_process_and_back(small_text, tmp_pa
     # one format for both: each way, the losses of the run that was never interrupted (a constant learning rate
     # after warmup, so that stopping at step 3 and going on to 6 is that run)
     flags = ["train.py", *TINY, "--dataset_path", small_text, "--batch_size", "2", "--total_batch_size",
-             str(4 * 2 * 32), "--min_lr", "3e-3"]
+             str(4 * 2 * 32), "--min_lr", "3e-3", "--optimizer", "muon"]
     run_script(*flags, "--max_steps", "6", "--out_dir", str(tmp_path / "whole"))
     run_script(*flags, "--max_steps", "3", "--fsdp", "--out_dir", str(tmp_path / "fsdp_then_one"), torchrun=True)
     resumed = run_script("train.py", "--resume", "--max_steps", "6", "--out_dir", str(tmp_path / "fsdp_then_one"))
@@ -594,3 +628,42 @@ def test_a_checkpoint_of_one_optimizer_resumed_with_the_other_is_one_line(small_
     train.main(["--dataset_path", small_text, "--out_dir", str(tmp_path / "fresh"), *without_model_flag(TINY),
                 "--init_from", str(tmp_path), "--optimizer", "muon", "--max_steps", "2"])  # its weights, afresh
     assert [r["step"] for r in read_metrics(tmp_path / "fresh")] == [1, 2]
+
+
+# written by the code before the optimizers moved to optim.py (torch.optim.Muon's state, in an AdamW/Muon pair):
+# step 4 of an 8-step Muon run, with the losses of that run, uninterrupted
+OLD_MUON = os.path.join(REPO, "tests", "fixtures", "muon_ckpt_before_issue_20")
+
+
+@pytest.mark.parametrize("launch", [[], ["--fsdp"], pytest.param(["--no-fsdp"], marks=pytest.mark.slow)],
+                         ids=["one process", "fsdp", "ddp"])
+def test_a_muon_checkpoint_from_before_the_optimizer_move_resumes_with_its_run_s_losses(launch, tmp_path):
+    os.makedirs(tmp_path / "out")
+    shutil.copy(OLD_MUON + ".pt", tmp_path / "out" / "ckpt.pt")
+    run_script("train.py", "--resume", "--out_dir", str(tmp_path / "out"), *launch, torchrun=bool(launch))
+    records = read_metrics(tmp_path / "out")
+    expected = json.load(open(OLD_MUON + ".json"))["losses"]
+    assert [r["step"] for r in records] == [5, 6, 7, 8]
+    # (the checkpoint's run orthogonalised in bf16; where the CPU has no bf16 units this code does it in fp32)
+    assert losses(records) == pytest.approx([expected[str(r["step"])] for r in records], abs=1e-4)
+
+
+def test_train_alpaca_sh_fine_tunes_with_train_py_s_recipe_and_trains_from_scratch_with_its_own(tmp_path):
+    # a `python` that prints what it would run: the script's choice of flags, without training
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+
+    def flags(**env):
+        result = subprocess.run(["bash", os.path.join(REPO, "train_alpaca.sh")], capture_output=True, text=True,
+                                env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", **env})
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    scratch = flags()
+    assert scratch[scratch.index("--max_lr") + 1] == "1e-3" and scratch[scratch.index("--optimizer") + 1] == "adamw"
+    fine_tuning = flags(INIT_FROM="gpt2")
+    assert "--init_from" in fine_tuning and not {"--max_lr", "--optimizer", "--warmup_steps"} & set(fine_tuning)
+    given = flags(INIT_FROM="gpt2", MAX_LR="1e-5")
+    assert given[given.index("--max_lr") + 1] == "1e-5"
