@@ -12,9 +12,9 @@ Benchmarks: training steps, and decoding.
 Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from parallel.build_training and the
 batches from data.py's loaders, as in train.py. After --warmup steps, times --steps optimizer steps: each micro-step's
 forward and backward (gradients synced on the last), then clipping and the optimizer's step. Reports tokens/s, ms/step
-(and its two parts: forward+backward, and the optimizer), MFU and peak memory. MFU is against Runtime.peak_flops: the data sheet's bf16/fp16 peak for known GPUs, otherwise a
+(and its two parts: forward+backward, and the optimizer), MFU and peak memory. MFU is against measure.peak_flops: the data sheet's bf16/fp16 peak for known GPUs, otherwise a
 large matmul timed on the spot in the run's dtype. Peak memory is the most the tensors held during one more step
-(runtime.peak_memory_bytes: CUDA's allocator on a GPU, the profiler on a CPU), model and optimizer included, per
+(measure.peak_memory_bytes: CUDA's allocator on a GPU, the profiler on a CPU), model and optimizer included, per
 process under torchrun, with the weights, gradients and optimizer state alone, and memory_estimate's figure.
 Decoding: greedy tokens/s of a batch of one from random weights of the model's shape (or --init_from), with and
 without the KV cache, and of transformers' generate on the same weights when transformers is installed; then
@@ -42,7 +42,8 @@ from model import GPT, PRESETS, preset_config
 from cli import OneLineParser, UserError, add_device_flags, fraction, non_negative_int, positive_int, print_error
 from optim import optimizer_step
 from parallel import build_training, require_grad_sync
-from runtime import peak_memory_bytes, setup_runtime, shutdown
+from measure import peak_flops, peak_memory_bytes
+from runtime import setup_runtime, shutdown
 
 
 def build_parser():
@@ -87,7 +88,7 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
     world_size = rt.world_size
     # the peak is measured before and after the steps, and the higher taken: on a shared machine a moment of
     # contention would otherwise lower the peak and flatter the MFU
-    peak_before = rt.peak_flops()
+    peak_before = peak_flops(rt)
     loader = LOADERS[args.dataset_type](args.dataset_path, seq_len, args.batch_size, accum_steps,
                                         rank=rt.rank, world_size=world_size, seed=args.seed)
     torch.manual_seed(args.seed)
@@ -141,7 +142,7 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
     peak_memory = peak_memory_bytes(lambda: step(args.warmup + args.steps), rt, resident)  # one more step, untimed
     state_memory = sum(map(local_bytes, params)) + gradient_bytes[-1] + sum(map(local_bytes, optimizer_state))
     seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
-    peak = max(peak_before, rt.peak_flops())
+    peak = max(peak_before, peak_flops(rt))
     mfu = raw_model.flops_per_token(seq_len) * tokens_per_sec / (peak * world_size)
     return {"params": raw_model.num_params(), "batch_size": args.batch_size, "seq_len": seq_len,
             "accum_steps": accum_steps, "processes": world_size, "tokens_per_step": total_batch_size,

@@ -31,7 +31,8 @@ from cli import (OneLineParser, UserError, add_device_flags, fraction, non_negat
 from model import GPT, PRESETS, GPTConfig, preset_config
 from optim import MUON_LR_SCALE, optimizer_step
 from parallel import build_training, require_grad_sync
-from runtime import Runtime, Throughput, agrees_with_rank0, join_job, setup_runtime, shutdown
+from measure import Throughput
+from runtime import Runtime, agrees_with_rank0, join_job, setup_runtime, shutdown
 
 DEFAULT_MODEL = "gpt2-micro"
 # --max_lr's and --beta2's defaults, by --optimizer: tuned on the default run (README.md, the optimizer). Under Muon

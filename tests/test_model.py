@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import model as model_module
 from model import GPT, PRESETS, GPTConfig, KVCache, cross_entropy, filter_logits
-from runtime import Runtime, peak_memory_bytes
+from measure import peak_memory_bytes
+from runtime import Runtime
 
 
 def tiny_config(**overrides):

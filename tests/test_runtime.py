@@ -25,27 +25,3 @@ def test_auto_dtype_on_a_gpu_that_only_emulates_bf16_is_float16(monkeypatch):
     assert runtime.auto_dtype(runtime.Runtime("cuda:0", "cuda", torch.float32)) == "float16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere on
     assert runtime.auto_dtype(runtime.Runtime("cuda:0", "cuda", torch.float32)) == "bfloat16"
-
-
-@pytest.mark.parametrize("name, flops", [("NVIDIA L4", 121e12), ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12),
-                                         ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                                         ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", 65e12),
-                                         ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA GH200 480GB", None)])
-def test_known_gpus_are_matched_by_whole_words_of_their_name(name, flops):
-    assert runtime.gpu_peak_flops(name) == flops  # None: not in the table, its peak is measured
-
-
-def test_peak_memory_counts_the_tensors_alive_at_the_worst_moment():
-    rt = runtime.Runtime("cpu", "cpu", torch.float32)
-    kept = torch.zeros(1_000_000)  # 4 MB that exist before and after: the weights of a training step
-
-    def work():
-        a = torch.ones(2_000_000)  # 8 MB
-        b = a + 1  # 8 MB more: 20 MB with `kept`, the peak
-        del a, b
-        return torch.ones(1_000_000)  # 4 MB, after the peak has passed
-
-    peak = runtime.peak_memory_bytes(work, rt, resident=[kept, kept[:10]])  # a view shares its storage
-    assert 20_000_000 <= peak < 20_000_100  # (and a few bytes of scalars)
-
-

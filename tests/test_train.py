@@ -21,7 +21,8 @@ from conftest import REPO
 from data import LOADERS, TextLoader
 from model import GPT, GPTConfig
 from parallel import build_training
-from runtime import peak_memory_bytes, setup_runtime
+from measure import peak_memory_bytes
+from runtime import setup_runtime
 
 TINY = ["--model", "gpt2-nano", "--batch_size", "4", "--seq_len", "32", "--warmup_steps", "2", "--max_lr", "3e-3",
         "--log_interval", "1", "--eval_interval", "3", "--eval_steps", "2", "--sample_tokens", "0",
