@@ -16,6 +16,7 @@ import os
 import torch
 
 import hf
+from data import parse_json
 from files import HOST, WriteError, describe_write_failure, write_atomically
 from model import GPT, GPTConfig
 from cli import UserError
@@ -208,7 +209,7 @@ class MetricsLog:
             with open(path) as f:
                 for line in f:
                     try:
-                        if json.loads(line)["step"] <= resume_step:
+                        if parse_json(line)["step"] <= resume_step:
                             records.append(line)
                     except (ValueError, KeyError, TypeError):
                         pass  # a line cut short by the crash that interrupted the run

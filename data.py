@@ -236,12 +236,21 @@ def alpaca_prompt(instruction, input=""):
     return template.format(instruction=instruction, input=input) + "\n"
 
 
+def parse_json(text):
+    """json.loads(text), with JSON nested too deeply for Python's parser ([[[[...]]]]: a RecursionError) reported as
+    the invalid JSON it is here, a JSONDecodeError, so that every reader's one-line message covers it too."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+
+
 def first_json_record(text):
     """The first record of a JSON list or JSONL text (None when there is none), or a JSONDecodeError."""
     try:
-        records = json.loads(text)
+        records = parse_json(text)
     except json.JSONDecodeError:
-        records = json.loads(text.lstrip().split("\n", 1)[0])  # JSONL: one record per line
+        records = parse_json(text.lstrip().split("\n", 1)[0])  # JSONL: one record per line
     return records[0] if isinstance(records, list) and records else records
 
 
@@ -260,7 +269,7 @@ def read_alpaca_records(path):
     """The file's records, checked: a JSON list of objects, or JSONL (one object per line, blank lines allowed)."""
     _, text = read_text(path, "JSON or JSONL file of Alpaca records")
     try:
-        records = json.loads(text)
+        records = parse_json(text)
         records = [records] if isinstance(records, dict) else records  # JSONL with a single line
     except json.JSONDecodeError as e:
         if text.lstrip().startswith("["):  # a JSON list with a mistake in it: point at the mistake
@@ -270,7 +279,7 @@ def read_alpaca_records(path):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = parse_json(line)
             except json.JSONDecodeError as e:
                 if records or line.lstrip().startswith("{"):
                     raise DataError(f"{path} line {lineno} is not valid JSON ({e.msg}): fix or remove that line")
@@ -474,7 +483,7 @@ class ShardLoader(Loader):
                 finished = json.load(f).get("done")
         except FileNotFoundError:  # llm.c's folders have none
             finished = True
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):  # (a manifest damaged)
             finished = False
         if not finished:
             raise DataError(f"prepare.py has not finished writing {path}: rerun the prepare.py command that made it")

@@ -5,14 +5,13 @@ passes its own batches or items, and the figures are the whole job's.
 """
 
 import functools
-import json
 import math
 import os
 
 import numpy as np
 import torch
 
-from data import EOT_TOKEN, IGNORE_INDEX, DataError, get_tokenizer
+from data import EOT_TOKEN, IGNORE_INDEX, DataError, get_tokenizer, parse_json
 from files import WriteError, describe_write_failure, write_atomically
 
 
@@ -77,7 +76,7 @@ def load_hellaswag(path, rt):
                 if not line.strip():
                     continue
                 try:
-                    item = json.loads(line)
+                    item = parse_json(line)
                     context, endings, label = item["ctx"], item["endings"], int(item["label"])
                     if not (isinstance(endings, list) and len(endings) >= 2 and 0 <= label < len(endings)):
                         raise ValueError

@@ -32,7 +32,7 @@ def read_metrics(path):
     for lineno, line in lines:
         try:
             record = json.loads(line)
-        except ValueError:  # a JSONDecodeError, or a UnicodeDecodeError
+        except (ValueError, RecursionError):  # a JSONDecodeError, a UnicodeDecodeError, or nested too deeply
             record = None
         if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
             if lineno == lines[-1][0]:

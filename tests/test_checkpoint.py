@@ -73,6 +73,7 @@ def test_resumed_metrics_drop_the_records_logged_after_the_checkpoint(tmp_path):
         for step in (1, 2, 3, 4):
             metrics.write({"step": step, "loss": 5.0 - step})
     with open(path, "a") as f:
+        f.write("[" * 50_000 + "]" * 50_000 + "\n")  # damage that Python's JSON parser cannot even read
         f.write('{"step": 5, "lo')  # a line cut short by a crash
     with MetricsLog(path, resume_step=2) as metrics:
         metrics.write({"step": 3, "loss": 1.5})

@@ -47,6 +47,7 @@ def test_acc_norm_divides_an_ending_s_loss_by_its_length():
 
 
 @pytest.mark.parametrize("line, message", [("not json", "line 1 is not a HellaSwag item"),
+                                           ("[" * 50_000 + "]" * 50_000, "line 1 is not a HellaSwag item"),
                                            ('{"ctx": "a", "endings": ["b"], "label": 0}', "line 1")])
 def test_a_bad_hellaswag_file_is_one_line(tmp_path, line, message):
     (tmp_path / "hs.jsonl").write_text(line)

@@ -31,7 +31,7 @@ def test_a_metrics_file_whose_last_line_a_kill_cut_short_plots_the_rest_with_a_o
     assert [r["step"] for r in plot.read_metrics(str(path))[1]] == list(range(1, 11))  # all the whole lines
 
 
-@pytest.mark.parametrize("damage", ['{"step": 4, "lo', "[1, 2]", '{"loss": 3}'])
+@pytest.mark.parametrize("damage", ['{"step": 4, "lo', "[1, 2]", '{"loss": 3}', "[" * 50_000 + "]" * 50_000])
 def test_a_damaged_line_before_the_last_is_refused_in_one_line_naming_that_line(tmp_path, damage):
     lines = metrics_lines(range(1, 11))
     lines[5:6] = ["", damage]  # a blank line 6 still counts: line 7 is the damaged one, as an editor numbers it
