@@ -4,7 +4,7 @@ update after a step's backward passes (unscale, clip, step, zero), with the Grad
 
     optimizer = build_optimizer(model, weight_decay=0.1, lr=4e-3, betas=(0.9, 0.99), optimizer="muon")
     ...backward passes...
-    grad_norm = optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+    grad_norm, applied = optimizer_step(model, optimizer, scaler, grad_clip=1.0)
 """
 
 import math
@@ -267,15 +267,21 @@ def restore_grad_scaler(scaler, saved, rt):
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
     """The update after a step's backward passes: gradients unscaled (fp16), clipped to grad_clip (0: not
-    clipped), the optimizer's step, and the gradients zeroed. Returns the gradient norm before clipping."""
+    clipped), the optimizer's step, and the gradients zeroed. Returns the gradient norm before clipping, and whether
+    the update was applied: a gradient that is not finite (NaN or inf: a diverging run, or fp16's overflow) is
+    skipped, so the weights never take it. fp16's GradScaler skips such steps itself and lowers its scale; for the
+    other dtypes the norm decides (every rank sees the same norm: the gradients are reduced before it)."""
     scaler.unscale_(optimizer)
     # with clipping off, an infinite cap only measures the norm
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, summed over the shards
         grad_norm = grad_norm.full_tensor()
-    scaler.step(optimizer)
+    # reading the norm waits for the device, once a step (as fp16's scaler does): the price of never applying a NaN
+    applied = bool(torch.isfinite(grad_norm))
+    if applied or scaler.is_enabled():
+        scaler.step(optimizer)
     scaler.update()
     # Under DDP the gradients are views into its communication buckets (gradient_as_bucket_view): zeroed in place
     # they stay there; set to None, the next backward would allocate new ones beside the buckets, every step.
     optimizer.zero_grad(set_to_none=not isinstance(model, DDP))
-    return grad_norm
+    return grad_norm, applied

@@ -29,7 +29,7 @@ from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
 from cli import (OneLineParser, UserError, add_device_flags, fraction, non_negative_float, non_negative_int,
                  positive_float, positive_int, print_error)
 from model import GPT, PRESETS, GPTConfig, preset_config
-from optim import MUON_LR_SCALE, optimizer_step
+from optim import MUON_LR_SCALE, local, optimizer_step
 from parallel import build_training, require_grad_sync
 from measure import Throughput
 from runtime import Runtime, agrees_with_rank0, join_job, setup_runtime, shutdown
@@ -46,6 +46,7 @@ OPTIMIZER_DEFAULTS = {"adamw": {"max_lr": 2e-3, "beta2": 0.95}, "muon": {"max_lr
 FINE_TUNING_DEFAULTS = {"max_lr": 3e-5, "warmup_steps": 0}  # and --min_lr = --max_lr, --optimizer: see above
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 SHAPE_FLAGS = {"model", "n_layer", "n_head", "n_embd"}
+MAX_SKIPPED_STEPS = 5  # updates skipped in a row (their gradient not finite) before the run stops
 
 
 def build_parser():
@@ -165,13 +166,15 @@ def explicit_flags(parser, argv):
 
 # Options that may change when resuming: they decide how long and how the run goes on, not what it computes.
 # The device, the dtype and the gradient traffic are the machine's: a run may move to another.
-RESUMABLE_OVERRIDES = {"max_steps", "device", "dtype", "compile", "reduce_dtype", "fsdp", "activation_checkpointing",
-                       "log_interval", "eval_interval", "eval_steps", "save_interval", "sample_tokens", "out_dir",
+# --batch_size too: a run may resume on another number of processes, the global batch (--total_batch_size) kept.
+RESUMABLE_OVERRIDES = {"max_steps", "batch_size", "device", "dtype", "compile", "reduce_dtype", "fsdp",
+                       "activation_checkpointing", "log_interval", "eval_interval", "eval_steps", "save_interval", "sample_tokens", "out_dir",
                        "resume", "overwrite", "hellaswag_path", "hellaswag_interval"}
 
 
-def prepare_resume(args, given):
-    """The checkpoint in --out_dir and the run's saved config, with the options of RESUMABLE_OVERRIDES given now."""
+def prepare_resume(args, given, notes):
+    """The checkpoint in --out_dir and the run's saved config, with the options of RESUMABLE_OVERRIDES given now.
+    What the user should know is added to notes, printed once every check has passed."""
     path = os.path.join(args.out_dir, CHECKPOINT)
     # Only rank 0 writes the checkpoint, and every rank reads it: on several nodes, --out_dir must be a directory
     # they share (or hold the same copy). Checked by size and modification time, before anyone reads it.
@@ -201,12 +204,12 @@ def prepare_resume(args, given):
                         f"its weights with --init_from {args.out_dir}")
     ignored = sorted(given - RESUMABLE_OVERRIDES - SHAPE_FLAGS)
     if ignored:
-        print(f"--resume: keeping the checkpoint's {', '.join(ignored)}", file=sys.stderr)
+        notes.append(f"--resume: keeping the checkpoint's {', '.join(ignored)}")
     for name in given & RESUMABLE_OVERRIDES:
         setattr(saved, name, getattr(args, name))
     saved.out_dir, saved.resume = args.out_dir, True
     if saved.fsdp and "WORLD_SIZE" not in os.environ and "fsdp" not in given:
-        print("--resume: the run was sharded (--fsdp); this one process goes on with the whole model", file=sys.stderr)
+        notes.append("--resume: the run was sharded (--fsdp); this one process goes on with the whole model")
         saved.fsdp = False
     step = ckpt["step"]
     if saved.max_steps <= step:
@@ -214,10 +217,28 @@ def prepare_resume(args, given):
                         f"train; give a larger --max_steps to go on")
     if saved.max_steps != ckpt["config"]["max_steps"]:  # the cosine decay stretches or shrinks from here on
         before = argparse.Namespace(**{**vars(saved), "max_steps": ckpt["config"]["max_steps"]})
-        print(f"--resume: the learning rate now decays to {saved.min_lr:.2e} at step {saved.max_steps} instead of "
-              f"{before.max_steps}: {get_lr(step, before):.2e} at step {step}, {get_lr(step + 1, saved):.2e} at "
-              f"step {step + 1}", file=sys.stderr)
+        notes.append(f"--resume: the learning rate now decays to {saved.min_lr:.2e} at step {saved.max_steps} instead "
+                     f"of {before.max_steps}: {get_lr(step, before):.2e} at step {step}, {get_lr(step + 1, saved):.2e} "
+                     f"at step {step + 1}")
+    check_batch_split(saved, int(os.environ.get("WORLD_SIZE", 1)), given)
     return saved, ckpt
+
+
+def check_batch_split(saved, world_size, given):
+    """A run resumes on any number of processes: its global batch (the checkpoint's --total_batch_size, and so the
+    data and the losses) stays, and only its split into processes x micro-steps x --batch_size changes. When the
+    checkpoint's --batch_size does not split it over world_size processes, say which --batch_size does."""
+    rows = saved.total_batch_size // saved.seq_len  # sequences in a global batch
+    if rows % (saved.batch_size * world_size) == 0 or "batch_size" in given:
+        return  # (a --batch_size given now is checked with the rest of the batch arithmetic)
+    fits = [b for b in range(saved.batch_size, 0, -1) if rows % (b * world_size) == 0]
+    split = f"the checkpoint's global batch of {rows} sequences of {saved.seq_len} tokens does not split into " \
+            f"{world_size} processes x --batch_size {saved.batch_size}"
+    if not fits:
+        raise UserError(f"--resume on {world_size} processes: {split} at all: resume on a number of processes that "
+                        f"divides {rows}")
+    raise UserError(f"--resume on {world_size} processes: {split}: pass --batch_size {fits[0]} (the global batch, "
+                    f"and so the data and the losses, stay the checkpoint's)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,9 +301,9 @@ def setup(args, given):
     """Options, then the runtime, the data, the model and its optimizer (restored on --resume), then the out_dir.
     Every check that can fail comes before anything is written."""
     join_job()  # under torchrun, first: a rank that fails must not leave the others waiting for it
-    ckpt = None
+    ckpt, notes = None, []  # notes: printed once everything is checked (a refusal is the only line then), by rank 0
     if args.resume:
-        args, ckpt = prepare_resume(args, given)
+        args, ckpt = prepare_resume(args, given, notes)
     elif os.path.exists(os.path.join(args.out_dir, CHECKPOINT)) and not args.overwrite:
         raise UserError(f"{args.out_dir} already holds a checkpoint: continue it with --resume, choose another "
                         f"--out_dir, or pass --overwrite to replace it")
@@ -297,9 +318,9 @@ def setup(args, given):
         recipe = {"optimizer": trained_with(args.init_from), **FINE_TUNING_DEFAULTS}
         fine_tuning = {name: value for name, value in recipe.items() if name not in given}
         vars(args).update(fine_tuning)
-        if fine_tuning and os.environ.get("RANK", "0") == "0":
-            print("--init_from: fine-tuning defaults " + " ".join(f"--{name} {value}" for name, value in
-                                                                fine_tuning.items()), file=sys.stderr)
+        if fine_tuning:
+            notes.append("--init_from: fine-tuning defaults " + " ".join(f"--{name} {value}" for name, value in
+                                                                      fine_tuning.items()))
         init_model = load_model(args.init_from, dropout=args.dropout)
         cfg = init_model.config
     else:
@@ -338,6 +359,8 @@ def setup(args, given):
     if rt.any_rank(error is not None):
         raise error or UserError(f"rank 0 cannot use --out_dir {args.out_dir} (its message says why)")
     if rt.master:
+        for note in notes:
+            print(note, file=sys.stderr)
         name = f"from {args.init_from}" if args.init_from else args.model
         print(f"model {name}: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
               f"{cfg.n_head} heads, {cfg.n_embd} wide | {rt.device} {str(rt.dtype).removeprefix('torch.')} | "
@@ -351,12 +374,21 @@ def train(run):
     """The loop: a step, then what the step is due for: stopping on a signal, logging, evaluation, a checkpoint."""
     args, rt = run.args, run.rt
     speed = Throughput(run.raw_model.flops_per_token(args.seq_len), rt, run.start_step)
+    skipped = 0  # updates skipped in a row, their gradient not finite
+    saved_step = run.start_step if args.resume else None  # the step ckpt.pt holds
     with run.out_dir_lock or contextlib.nullcontext(), run.metrics, StopSignal(rt) as stop_signal:
         for step in range(run.start_step + 1, args.max_steps + 1):  # step: the number of this update, 1-based
             # ---- the step
-            lr, loss_sum, grad_norm, tokens = train_step(run.model, run.optimizer, run.scaler, run.loader, step,
-                                                         run.accum_steps, rt, args)
+            lr, loss_sum, grad_norm, tokens, applied = train_step(run.model, run.optimizer, run.scaler, run.loader,
+                                                                  step, run.accum_steps, rt, args)
             speed.count(tokens)
+            skipped = 0 if applied else skipped + 1
+            if skipped and rt.master and rt.dtype != torch.float16:  # (fp16's scaler skips a few while it calibrates)
+                print(f"step {step}: the gradient norm is {grad_norm.item()}: update skipped", file=sys.stderr)
+            if skipped >= MAX_SKIPPED_STEPS:
+                raise UserError(f"the gradient was not finite for {skipped} steps in a row (to step {step}), their "
+                                f"updates skipped; stopped, {kept_checkpoint(run.ckpt_path, saved_step)}. Try a lower --max_lr, "
+                                f"a lower --grad_clip, or --dtype float32")
 
             # ---- what this step is due for; a signal may reach the ranks at different steps: they stop together.
             # After a signal only the checkpoint: under torchrun the processes are killed a set time after the
@@ -372,10 +404,9 @@ def train(run):
             # ---- logging
             loss = rt.all_reduce_mean(loss_sum).item()
             if not math.isfinite(loss):
-                kept = f"{run.ckpt_path} still holds the last good checkpoint" if os.path.exists(run.ckpt_path) \
-                    else "no checkpoint was written"
-                raise UserError(f"the training loss became {loss} at step {step}; stopped, {kept}. "
-                                f"Try a lower --max_lr, a lower --grad_clip, or --dtype float32")
+                raise UserError(f"the training loss became {loss} at step {step}; stopped, "
+                                f"{kept_checkpoint(run.ckpt_path, saved_step)}. Try a lower --max_lr, a lower --grad_clip, or "
+                                f"--dtype float32")
             record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm.item(), 6),
                       **speed.read(step)}
 
@@ -392,9 +423,14 @@ def train(run):
             if rt.master:
                 print(log_line(record, args.max_steps, speed.seconds_per_step), flush=True)
 
-            # ---- checkpoint (every rank: a sharded model is gathered first; rank 0 writes)
+            # ---- checkpoint (every rank: a sharded model is gathered first; rank 0 writes). Never one of weights
+            # that are not finite: ckpt.pt keeps the last good one
             if do_save:
+                if not weights_are_finite(run.raw_model, rt):
+                    raise UserError(f"the weights are not finite at step {step}; not saved, stopped, "
+                                    f"{kept_checkpoint(run.ckpt_path, saved_step)}. Try a lower --max_lr or --dtype float32")
                 save_checkpoint(run.ckpt_path, run.raw_model, run.optimizer, run.scaler, step, args, write=rt.master)
+                saved_step = step
             if stop:
                 if rt.master:
                     print(f"stopped by signal at step {step}; checkpoint saved: continue with --resume", flush=True)
@@ -403,8 +439,9 @@ def train(run):
 
 def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
     """One optimizer update, number `step` (1-based): the forward and backward passes of its micro-steps, then
-    clipping and the AdamW step. Returns the learning rate, the loss (a device tensor: reading it waits for the
-    device), the gradient norm, and the tokens fed (all ranks; padding included)."""
+    clipping and the optimizer's step. Returns the learning rate, the loss (a device tensor: reading it waits for the
+    device), the gradient norm, the tokens fed (all ranks; padding included), and whether the update was applied
+    (not when the gradient was not finite)."""
     lr = get_lr(step, args)
     for group in optimizer.param_groups:
         # Muon's group runs at its own multiple of --max_lr (checkpoints from before --optimizer have no lr_scale)
@@ -428,8 +465,8 @@ def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
         tokens += x.numel() * rt.world_size
-    grad_norm = optimizer_step(model, optimizer, scaler, args.grad_clip)
-    return lr, loss_sum, grad_norm, tokens
+    grad_norm, applied = optimizer_step(model, optimizer, scaler, args.grad_clip)
+    return lr, loss_sum, grad_norm, tokens, applied
 
 
 def get_lr(step, args):
@@ -481,6 +518,23 @@ class StopSignal:
     def requested(self):
         """Whether any rank has been signalled: under torchrun the ranks agree, so they all stop after this step."""
         return self.rt.any_rank(self.signum is not None)
+
+
+def kept_checkpoint(path, step):
+    """What is left when a run stops on a non-finite loss, gradient or weights: its last checkpoint, of `step` (None:
+    none yet), which is good (none with non-finite weights is ever written)."""
+    if step is not None:
+        return f"{path} still holds the last good checkpoint, of step {step}"
+    if os.path.exists(path):  # (--overwrite: the previous run's)
+        return f"{path} still holds the last good checkpoint, the one it held before this run"
+    return "no checkpoint was written"
+
+
+def weights_are_finite(model, rt):
+    """Whether every weight is finite, on every rank (each checks its own shards under FSDP): one pass over the
+    weights, before each save."""
+    finite = torch.stack([torch.isfinite(local(p)).all() for p in model.parameters()]).all()
+    return not rt.any_rank(not finite.item())
 
 
 def log_line(record, max_steps, seconds_per_step):

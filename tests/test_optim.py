@@ -40,7 +40,7 @@ def test_gradients_are_clipped_to_the_cap_and_the_norm_before_clipping_returned(
     clipped = []
     optimizer.register_step_pre_hook(lambda opt, *_: clipped.append(
         torch.sqrt(sum(p.grad.square().sum() for group in opt.param_groups for p in group["params"]))))
-    norm = optimizer_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 1.0)
+    norm, applied = optimizer_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 1.0)
     torch.testing.assert_close(norm, norm_before)
     assert norm > 1 and clipped[0].item() == pytest.approx(1.0, rel=1e-4)
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
@@ -106,3 +106,22 @@ def test_shard_rows_are_the_rows_fsdp_gives_each_rank(rows, world):
     # FSDP2 shards dim 0 as torch.chunk does, with empty shards for the ranks it runs out of rows for
     chunks = torch.arange(rows).chunk(world)
     assert shard_rows(rows, world) == [len(c) for c in chunks] + [0] * (world - len(chunks))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_an_update_whose_gradient_is_not_finite_is_skipped(optimizer):
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    opt = build_optimizer(model, 0.1, lr=1e-2, betas=(0.9, 0.95), optimizer=optimizer, ns_dtype=torch.float32)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    idx = torch.randint(0, 50, (2, 8))
+    model(idx, idx)[1].backward()
+    assert optimizer_step(model, opt, scaler, 1.0)[1]  # a finite gradient: applied
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model(idx, idx)[1].backward()
+    model.transformer.h[0].mlp.c_fc.weight.grad[0, 0] = float("nan")  # one NaN spoils the norm
+    norm, applied = optimizer_step(model, opt, scaler, 1.0)
+    assert not applied and norm.isnan()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name  # no weight took the update
+    assert all(p.grad is None for p in model.parameters())  # and the next step starts clean

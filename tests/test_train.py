@@ -144,10 +144,28 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(small_text, tm
     with pytest.raises(SystemExit) as exit_info:
         run_train(small_text, tmp_path, "--overwrite", "--max_steps", "20", "--max_lr", "1e30", "--warmup_steps", "0",
                   "--grad_clip", "0")
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
     assert exit_info.value.code != 0
-    assert err.count("\n") == 1 and "loss became nan" in err and "still holds the last good checkpoint" in err
+    assert all(line.endswith("update skipped") for line in err[:-1])  # (a note for each step whose update was)
+    assert "loss became nan" in err[-1] and "still holds the last good checkpoint" in err[-1]
     assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_a_gradient_that_turns_nan_never_reaches_the_weights_or_a_checkpoint(small_text, tmp_path, capsys):
+    # step 2's loss is finite, its gradient NaN: the update is skipped, and after a few such steps the run stops
+    flags = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--max_steps", "50", "--max_lr", "1e6",
+             "--warmup_steps", "0", "--save_interval", "1", "--optimizer", "muon"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(small_text, tmp_path, *flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert sum("update skipped" in line for line in err) == train.MAX_SKIPPED_STEPS
+    assert err[-1].startswith(f"error: the gradient was not finite for {train.MAX_SKIPPED_STEPS} steps in a row")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert f"still holds the last good checkpoint, of step {ckpt['step']}" in err[-1]
+    assert all(t.isfinite().all() for t in ckpt["model"].values())
+    assert all(t.isfinite().all() for opt in ckpt["optimizer"].values() for s in opt["state"].values()
+               for t in s.values())
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(small_text, tmp_path):
@@ -668,3 +686,28 @@ def test_train_alpaca_sh_fine_tunes_with_train_py_s_recipe_and_trains_from_scrat
     assert "--init_from" in fine_tuning and not {"--max_lr", "--optimizer", "--warmup_steps"} & set(fine_tuning)
     given = flags(INIT_FROM="gpt2", MAX_LR="1e-5")
     assert given[given.index("--max_lr") + 1] == "1e-5"
+
+
+def test_resume_with_fsdp_in_one_process_is_one_line_and_no_notes(small_text, tmp_path, capsys):
+    run_train(small_text, tmp_path, "--max_steps", "2")
+    with pytest.raises(SystemExit):
+        train.main(["--resume", "--out_dir", str(tmp_path), "--fsdp", "--max_steps", "4", "--seed", "7"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --fsdp shards the model")  # not the notes first
+
+
+def test_a_one_process_run_resumes_on_two_processes_with_its_losses(small_text, tmp_path):
+    # the default split, 1 process x 4 sequences, cannot go on as 2 x 4: the refusal names the --batch_size that
+    # fits, and with it the run goes on with the global batch, so the losses of the uninterrupted run
+    whole = run_train(small_text, tmp_path / "whole", "--min_lr", "3e-3", "--optimizer", "muon", "--max_steps", "6")
+    run_train(small_text, tmp_path / "resumed", "--min_lr", "3e-3", "--optimizer", "muon", "--max_steps", "3")
+    refused = subprocess.run([*TORCHRUN, "train.py", "--resume", "--max_steps", "6", "--out_dir",
+                              str(tmp_path / "resumed")], cwd=REPO, capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert refused.returncode != 0
+    assert "error: --resume on 2 processes: the checkpoint's global batch of 4 sequences" in refused.stderr
+    assert "pass --batch_size 2 " in refused.stderr and refused.stderr.count("error:") == 1  # (torchrun adds its own)
+    resumed = run_script("train.py", "--resume", "--max_steps", "6", "--batch_size", "2", "--out_dir",
+                         str(tmp_path / "resumed"), torchrun=True)
+    assert resumed.stderr.count("--resume: the learning rate now decays") == 1  # a note, from rank 0 only
+    assert losses(read_metrics(tmp_path / "resumed")) == pytest.approx(losses(whole), abs=1e-4)
