@@ -207,6 +207,16 @@ def cpu_bf16_is_faster():
     return seconds(a.bfloat16(), 4 * fp32) * 1.5 < fp32
 
 
+def signal_on_parent_death(signum):
+    """Have the kernel send this process signum when its parent dies (Linux's PR_SET_PDEATHSIG): how a torchrun
+    worker learns that its launcher was killed. Elsewhere nothing happens (train.py also checks its parent's pid)."""
+    try:
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def keep_freed_memory():
     """glibc hands each freed block of more than 32 MB back to the operating system, so a training step's large
     tensors (the (rows, vocab) logits and softmax: 200 MB each at 4 x 256 tokens) come back as fresh pages that the

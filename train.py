@@ -32,7 +32,7 @@ from model import GPT, PRESETS, GPTConfig, preset_config
 from optim import MUON_LR_SCALE, local, optimizer_step
 from parallel import build_training, require_grad_sync
 from measure import Throughput
-from runtime import Runtime, agrees_with_rank0, join_job, setup_runtime, shutdown
+from runtime import Runtime, agrees_with_rank0, join_job, setup_runtime, shutdown, signal_on_parent_death
 
 DEFAULT_MODEL = "gpt2-micro"
 # --max_lr's and --beta2's defaults, by --optimizer: tuned on the default run (README.md, the optimizer). Under Muon
@@ -376,7 +376,7 @@ def train(run):
     speed = Throughput(run.raw_model.flops_per_token(args.seq_len), rt, run.start_step)
     skipped = 0  # updates skipped in a row, their gradient not finite
     saved_step = run.start_step if args.resume else None  # the step ckpt.pt holds
-    with run.out_dir_lock or contextlib.nullcontext(), run.metrics, StopSignal(rt) as stop_signal:
+    with run.out_dir_lock or contextlib.nullcontext(), run.metrics, StopSignal(rt, run.ckpt_path) as stop_signal:
         for step in range(run.start_step + 1, args.max_steps + 1):  # step: the number of this update, 1-based
             # ---- the step
             lr, loss_sum, grad_norm, tokens, applied = train_step(run.model, run.optimizer, run.scaler, run.loader,
@@ -493,15 +493,21 @@ def validation_batches(loader, eval_steps, accum_steps):
 
 
 class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) ask the run to finish the current step, save, and stop; a
-    second one gets the previous handler back, for when the step is too long to wait for. The handlers are
-    installed for the `with` block only."""
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) ask the run to finish the current step, save, and stop. A
+    second one, for when that is too long to wait for, ends the process at once (exit 128 + the signal's number)
+    without saving: ckpt.pt keeps the last checkpoint saved, since a save it interrupts is a temporary file that never
+    became ckpt.pt. Under torchrun the launcher's death counts as a SIGTERM: a worker whose launcher was killed (kill
+    -9, a closed terminal) saves and stops, instead of training on as an orphan that holds the out_dir. The handlers
+    are installed for the `with` block only."""
 
-    def __init__(self, rt):
-        self.rt, self.signum = rt, None
+    def __init__(self, rt, ckpt_path):
+        self.rt, self.ckpt_path, self.signum = rt, ckpt_path, None
+        self.launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # (set by torchrun)
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        if self.launcher is not None:
+            signal_on_parent_death(signal.SIGTERM)
         return self
 
     def __exit__(self, *exc):
@@ -509,14 +515,23 @@ class StopSignal:
             signal.signal(s, handler)
 
     def on_signal(self, signum, frame):
-        self.signum = self.signum or signum
-        signal.signal(signum, self.previous[signum])
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            if self.rt.master:
+                kept = f"{self.ckpt_path} holds the last checkpoint saved" if os.path.exists(self.ckpt_path) \
+                    else "no checkpoint was saved"
+                print(f"\nerror: {name} again: stopped at once, without saving; {kept}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)  # no cleanup that could block: the OS releases the out_dir's lock
+        self.signum = signum
         if self.rt.master:
-            name = signal.Signals(signum).name
             print(f"\n{name}: saving after this step (send {name} again to quit at once)", flush=True)
 
     def requested(self):
         """Whether any rank has been signalled: under torchrun the ranks agree, so they all stop after this step."""
+        if self.signum is None and self.launcher is not None and os.getppid() != self.launcher:
+            self.signum = signal.SIGTERM  # the launcher is gone (where no parent-death signal came)
         return self.rt.any_rank(self.signum is not None)
 
 

@@ -186,6 +186,87 @@ def test_sigterm_saves_a_checkpoint_that_resumes(small_text, tmp_path):
     assert records[-1]["step"] == step + 1
 
 
+# train.py with torch.save slowed down from its second call on: it writes half a file, says so, and waits, so that
+# a test can signal a process in the middle of a save
+SLOW_SECOND_SAVE = """
+import sys, time, torch
+real_save, calls = torch.save, []
+def slow_save(state, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) > 1:
+        f.write(b"half a checkpoint")
+        print("SAVING", flush=True)
+        time.sleep(60)
+    real_save(state, f, *args, **kwargs)
+torch.save = slow_save
+sys.argv = ["train.py", *sys.argv[1:]]
+exec(compile(open("train.py").read(), "train.py", "exec"), {"__name__": "__main__"})
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_during_a_save_stops_at_once_and_leaves_the_last_checkpoint(signum, small_text, tmp_path):
+    cmd = [sys.executable, "-c", SLOW_SECOND_SAVE, "--dataset_path", small_text, "--out_dir", str(tmp_path), *TINY,
+           "--max_steps", "100", "--save_interval", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("SAVING"):  # step 1's checkpoint is written; step 2's is being written
+            break
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    proc.send_signal(signum)  # the first asks for a save after the step...
+    time.sleep(0.5)
+    proc.send_signal(signum)  # ...the second stops at once
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signum
+    name = signal.Signals(signum).name
+    assert err.strip().splitlines() == [f"error: {name} again: stopped at once, without saving; {tmp_path / 'ckpt.pt'} "
+                                        f"holds the last checkpoint saved"]
+    assert (tmp_path / "ckpt.pt").read_bytes() == good and torch.load(tmp_path / "ckpt.pt")["step"] == 1
+
+
+def test_a_second_ctrl_c_during_a_step_stops_at_once_without_a_traceback(small_text, tmp_path):
+    micro_steps = 200  # a step of a few seconds: both signals land inside it
+    cmd = [sys.executable, "train.py", "--dataset_path", small_text, "--out_dir", str(tmp_path), *TINY, "--batch_size",
+           "2", "--total_batch_size", str(2 * 32 * micro_steps), "--max_steps", "5"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("model "):  # the loop starts, with its handlers
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines() == ["error: SIGINT again: stopped at once, without saving; no checkpoint was saved"]
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_workers_whose_launcher_is_killed_save_and_stop_and_the_run_resumes(small_text, tmp_path):
+    # kill -9 to torchrun alone (a scheduler, a closed terminal): its workers must not train on as orphans
+    flags = [*TINY, "--dataset_path", small_text, "--out_dir", str(tmp_path), "--max_steps", "100000",
+             "--save_interval", "100000"]
+    launcher = subprocess.Popen([*TORCHRUN, "train.py", *flags], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in launcher.stdout:
+        if line.startswith("step 2/"):
+            break
+    workers = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+    assert len(workers) == 2
+    launcher.kill()
+    launcher.wait()
+    deadline = time.time() + 60
+    while any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+              for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert time.time() < deadline, "the workers outlived their launcher"
+    step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]  # they saved on the way out
+    assert step >= 2
+    records = run_train(small_text, tmp_path, "--resume", "--max_steps", str(step + 1))  # the out_dir is free
+    assert records[-1]["step"] == step + 1
+
+
 # slow: multi-process runs that repeat what a faster test covers for the default optimizer (pytest -m slow)
 @pytest.mark.parametrize("optimizer", [pytest.param("adamw", marks=pytest.mark.slow), "muon"])
 def test_torchrun_with_two_processes_equals_one_process_with_double_accumulation(optimizer, small_text, tmp_path):
