@@ -1,5 +1,5 @@
 """
-Benchmarks: training steps, and decoding.
+Benchmarks: training steps, decoding, and checkpoints.
 
     python bench.py                                         # training steps of the default run
     python bench.py --model gpt2 --seq_len 256 --batch_size 4
@@ -8,6 +8,7 @@ Benchmarks: training steps, and decoding.
     torchrun --standalone --nproc_per_node=2 bench.py --device cpu --model gpt2-mini --fsdp   # FSDP, to compare
     python bench.py --memory_table 8 --batch_size 8         # the memory estimate for each GPT-2 size, nothing runs
     python bench.py --sample --model gpt2                   # decoding: KV cache, no cache, transformers' generate
+    python bench.py --checkpoint --model gpt2               # saving and loading ckpt.pt, with and without its checksum
 
 Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from parallel.build_training and the
 batches from data.py's loaders, as in train.py. After --warmup steps, times --steps optimizer steps: each micro-step's
@@ -19,7 +20,10 @@ process under torchrun, with the weights, gradients and optimizer state alone, a
 Decoding: greedy tokens/s of a batch of one from random weights of the model's shape (or --init_from), with and
 without the KV cache, and of transformers' generate on the same weights when transformers is installed; then
 whether the three decode the same tokens, in full fp32 (where a tie between two logits cannot flip).
-Both print a table, then one JSON line with every figure. The options are train.py's that decide what a step
+Checkpoints: the model with its --optimizer's state after one step, saved (checksum and fsync included) into a
+temporary directory, loaded back in full (no mmap) with and without verifying its checksum, and the checksum alone;
+each the faster of two runs, the loads from the page cache the save filled.
+All print a table, then one JSON line with every figure. The options are train.py's that decide what a step
 computes (shape, batch, dtype, device, compile, data); the schedule and the optimizer's settings don't change its
 speed and are fixed here.
 """
@@ -36,18 +40,19 @@ import time
 import torch
 
 import hf
-from checkpoint import load_model
+from checkpoint import CHECKPOINT, checksum, load_checkpoint, load_model, save_checkpoint
 from data import LOADERS, DataError, accumulation_steps
 from model import GPT, PRESETS, preset_config
 from cli import OneLineParser, UserError, add_device_flags, fraction, non_negative_int, positive_int, print_error
 from optim import optimizer_step
 from parallel import build_training, require_grad_sync
-from measure import peak_flops, peak_memory_bytes
+from measure import memory_estimate, peak_flops, peak_memory_bytes
 from runtime import setup_runtime, shutdown
 
 
 def build_parser():
-    p = OneLineParser(description="Benchmark training steps (default) or decoding (--sample).",
+    p = OneLineParser(description="Benchmark training steps (default), decoding (--sample) or checkpoints "
+                      "(--checkpoint).",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="gpt2-micro", choices=list(PRESETS), help="preset, as in train.py")
@@ -75,6 +80,8 @@ def build_parser():
     a("--steps", type=positive_int, default=10, help="timed steps")
     a("--warmup", type=non_negative_int, default=3, help="untimed steps first (allocations, compilation, caches)")
     a("--sample", action="store_true", help="benchmark decoding instead of training")
+    a("--checkpoint", action="store_true", help="benchmark saving and loading a checkpoint, and its checksum, "
+      "instead of training")
     a("--memory_table", type=positive_int, metavar="GPUS", help="print the estimated memory a GPU needs to train "
       "each GPT-2 size on this many GPUs, at --batch_size x --seq_len (default 1024) tokens a micro-step, in bf16 "
       "(nothing runs)")
@@ -170,41 +177,6 @@ def local_bytes(t):
     return local(t).numel() * t.element_size()
 
 
-def memory_estimate(cfg, tokens, shards, activation_checkpointing, accumulating=False, low_precision=True):
-    """Bytes a rank needs for a training step of GPT cfg on `tokens` tokens a micro-step, its weights, gradients
-    and AdamW state split `shards` ways (1: DDP or one GPU; the processes for FSDP), by part. fp32 weights and
-    optimizer (4 + 4 bytes a parameter, the gradient 4 more; FSDP accumulating over micro-steps without syncing
-    keeps the whole gradient unsharded in fp32 until the last one, 4 bytes a parameter more). Activations per token
-    and layer, as the autograd graph keeps them under bf16 autocast: the block's input and LayerNorm inputs in fp32
-    (4d + 4d), the bf16 inputs of the four matmuls (2d + 2d + 2d + 8d), q, k, v (6d), the MLP's pre-GELU (8d): 38d
-    bytes, or in fp32 64d; with activation checkpointing only each block's fp32 input (4d) stays, and one block's
-    at a time is rebuilt. The loss holds the logits and their fp32 softmax at once: 6 bytes a logit (8 in fp32).
-    Under autocast each weight also has a bf16 copy for the step (2 bytes a parameter); FSDP instead gathers two
-    blocks and the root at a time. The parts never all peak at once: their sum is an upper bound (also under Muon,
-    which keeps one moment of the blocks' matrices where AdamW keeps two)."""
-    d, L, V, P = cfg.n_embd, cfg.n_layer, cfg.vocab_size, param_count(cfg)
-    per_layer = 38 * d if low_precision else 64 * d
-    gathered_bytes = 2 if low_precision else 4
-    if shards > 1:  # FSDP's gathered units: two blocks (one computing, one prefetched) and the root
-        block = 12 * d * d + 13 * d
-        copies = (2 * block + (V + cfg.block_size) * d) * gathered_bytes
-    else:
-        copies = 2 * P if low_precision else 0
-    activations = tokens * L * per_layer
-    if activation_checkpointing:
-        activations = tokens * L * 4 * d + tokens * per_layer
-    gradients = 4 * P / shards + (4 * P if shards > 1 and accumulating else 0)
-    return {"weights": 4 * P / shards, "gradients": gradients, "optimizer": 8 * P / shards,
-            "weight copies": copies, "activations": activations, "loss": tokens * V * (6 if low_precision else 8)}
-
-
-def param_count(cfg):
-    """GPT(cfg).num_params(), without building it: embeddings, then per block 12d^2 weights and 13d biases and
-    gains, then the final LayerNorm."""
-    d = cfg.n_embd
-    return (cfg.vocab_size + cfg.block_size) * d + cfg.n_layer * (12 * d * d + 13 * d) + 2 * d
-
-
 def print_memory_table(gpus, tokens):
     print(f"GB per GPU to train, {gpus} GPUs, {tokens} tokens a micro-step with gradient accumulation, bf16 autocast, "
           f"AdamW: weights + gradients + optimizer state | weight copies | activations | loss = total")
@@ -249,6 +221,38 @@ def bench_decoding(args, rt, cfg):
     results["params"] = model.num_params()
     results["prompt_tokens"], results["new_tokens"] = args.prompt_tokens, n
     return results
+
+
+def bench_checkpoint(args, rt, cfg):
+    torch.manual_seed(args.seed)
+    model = GPT(cfg)
+    step_model, optimizer, scaler = build_training(model, rt, weight_decay=0.1, lr=1e-4, betas=(0.9, 0.95),
+                                                   optimizer=args.optimizer)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 9), device=rt.device)  # one short step: its state is full size
+    with rt.autocast():
+        loss = step_model(tokens[:, :-1], tokens[:, 1:])[1]
+    scaler.scale(loss).backward()
+    optimizer_step(step_model, optimizer, scaler, grad_clip=1.0)
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, CHECKPOINT)
+        results = {"params": model.num_params(),
+                   "save_seconds": fastest(lambda: save_checkpoint(path, model, optimizer, scaler, 1, args)),
+                   "checkpoint_gb": os.path.getsize(path) / 1e9,
+                   "load_seconds": fastest(lambda: load_checkpoint(path, verify=True)),
+                   "load_unverified_seconds": fastest(lambda: load_checkpoint(path, verify=False))}
+        state = load_checkpoint(path, verify=False)
+    results["checksum_seconds"] = fastest(lambda: checksum(state))
+    return results
+
+
+def fastest(work, runs=2):
+    """The seconds of work's fastest run: the first may pay for allocations and caches the next reuses."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def timed(rt, generate):
@@ -308,12 +312,17 @@ def main(argv=None):
             raise UserError(f"--seq_len {seq_len} is longer than the model's context ({cfg.block_size})")
         total_batch_size = args.total_batch_size or args.batch_size * seq_len * world_size
         accum_steps = accumulation_steps(total_batch_size, args.batch_size, seq_len, world_size)
+        if args.sample and args.checkpoint:
+            raise UserError("--sample and --checkpoint are two benchmarks: give one")
         rt = setup_runtime(args.device, args.dtype)
         if args.sample:
             result = bench_decoding(args, rt, cfg)
+        elif args.checkpoint:
+            result = bench_checkpoint(args, rt, cfg)
         else:
             result = bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps)
-        result = {"mode": "sample" if args.sample else "train", "model": args.init_from or args.model,
+        mode = "sample" if args.sample else "checkpoint" if args.checkpoint else "train"
+        result = {"mode": mode, "model": args.init_from or args.model,
                   "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else rt.device,
                   "dtype": str(rt.dtype).removeprefix("torch."), "compile": args.compile,
                   "reduce_dtype": args.reduce_dtype, "optimizer": args.optimizer, **result}

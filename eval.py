@@ -86,7 +86,8 @@ def main(argv=None):
     try:
         saved = {}
         if is_checkpoint(args.init_from):
-            saved = load_checkpoint(args.init_from, mmap=True)["config"]  # the run's own data, by default
+            # the run's own data, by default (a look at the config: load_model checks the weights below)
+            saved = load_checkpoint(args.init_from, mmap=True, verify=False)["config"]
         args.dataset_type = args.dataset_type or saved.get("dataset_type", "text")
         args.dataset_path = args.dataset_path or saved.get("dataset_path", "input.txt")
         rt = setup_runtime(args.device, args.dtype)

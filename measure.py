@@ -1,8 +1,10 @@
 """
 What a run measures of its device: the peak FLOP/s that MFU is measured against (a GPU's data sheet, or a matmul
-timed on the spot), the most memory a step's tensors hold, and the tokens/s and MFU that train.py logs.
+timed on the spot), the memory a step needs (estimated from the model's shape, and measured: the most a step's
+tensors hold), and the tokens/s and MFU that train.py logs.
 
     speed = Throughput(model.flops_per_token(seq_len), rt, step)    # then speed.count(tokens), speed.read(step)
+    need = sum(memory_estimate(config, tokens, shards, activation_checkpointing).values())   # before a run
     peak = peak_memory_bytes(lambda: step(), rt, resident=weights)   # bench.py, tests
 """
 
@@ -54,6 +56,55 @@ def measured_matmul_flops(rt):
         if best > 0.05 or n >= largest:
             return 2 * n**3 / best
         n *= 2
+
+
+def memory_estimate(cfg, tokens, shards, activation_checkpointing, accumulating=False, low_precision=True):
+    """Bytes a rank needs for a training step of GPT cfg on `tokens` tokens a micro-step, its weights, gradients
+    and AdamW state split `shards` ways (1: DDP or one GPU; the processes for FSDP), by part. fp32 weights and
+    optimizer (4 + 4 bytes a parameter, the gradient 4 more; FSDP accumulating over micro-steps without syncing
+    keeps the whole gradient unsharded in fp32 until the last one, 4 bytes a parameter more). Activations per token
+    and layer, as the autograd graph keeps them under bf16 autocast: the block's input and LayerNorm inputs in fp32
+    (4d + 4d), the bf16 inputs of the four matmuls (2d + 2d + 2d + 8d), q, k, v (6d), the MLP's pre-GELU (8d): 38d
+    bytes, or in fp32 64d; with activation checkpointing only each block's fp32 input (4d) stays, and one block's
+    at a time is rebuilt. The loss holds the logits and their fp32 softmax at once: 6 bytes a logit (8 in fp32).
+    Under autocast each weight also has a bf16 copy for the step (2 bytes a parameter); FSDP instead gathers two
+    blocks and the root at a time. The parts never all peak at once: their sum is an upper bound (also under Muon,
+    which keeps one moment of the blocks' matrices where AdamW keeps two)."""
+    d, L, V, P = cfg.n_embd, cfg.n_layer, cfg.vocab_size, param_count(cfg)
+    per_layer = 38 * d if low_precision else 64 * d
+    gathered_bytes = 2 if low_precision else 4
+    if shards > 1:  # FSDP's gathered units: two blocks (one computing, one prefetched) and the root
+        block = 12 * d * d + 13 * d
+        copies = (2 * block + (V + cfg.block_size) * d) * gathered_bytes
+    else:
+        copies = 2 * P if low_precision else 0
+    activations = tokens * L * per_layer
+    if activation_checkpointing:
+        activations = tokens * L * 4 * d + tokens * per_layer
+    gradients = 4 * P / shards + (4 * P if shards > 1 and accumulating else 0)
+    return {"weights": 4 * P / shards, "gradients": gradients, "optimizer": 8 * P / shards,
+            "weight copies": copies, "activations": activations, "loss": tokens * V * (6 if low_precision else 8)}
+
+
+def param_count(cfg):
+    """GPT(cfg).num_params(), without building it: embeddings, then per block 12d^2 weights and 13d biases and
+    gains, then the final LayerNorm."""
+    d = cfg.n_embd
+    return (cfg.vocab_size + cfg.block_size) * d + cfg.n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+def device_memory_bytes(rt):
+    """The memory one process may fill: its GPU's, or on a CPU the machine's shared by the node's processes (None
+    where it is not known)."""
+    if rt.device_type == "cuda":
+        return torch.cuda.get_device_properties(rt.device).total_memory
+    if rt.device_type != "cpu":
+        return None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # (not a POSIX system)
+        return None
+    return total // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def peak_memory_bytes(fn, rt, resident=()):

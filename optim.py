@@ -114,22 +114,32 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # found_inf (optim.optimizer_step's, as GradScaler's for fused AdamW): a device tensor, 1.0 when this step's
+        # gradient is not finite. The update is then multiplied by 0, on the device: no wait for it on the host
+        found_inf = getattr(self, "found_inf", None)
+        keep = 1.0 if found_inf is None else 1 - found_inf
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            blended = [self.momentum_blend(p, group) for p in params]  # this rank's rows, under FSDP
+            blended = [self.momentum_blend(p, group, found_inf, keep) for p in params]  # this rank's rows, under FSDP
             for p, update in zip(params, self.orthogonalise(params, blended, group)):
                 weights = local(p)
-                weights.mul_(1 - group["lr"] * group["weight_decay"])
-                weights.add_(update, alpha=-adjusted_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+                weights.mul_(1 - group["lr"] * group["weight_decay"] * keep)
+                step_size = -adjusted_lr(group["lr"], group["adjust_lr_fn"], p.shape)
+                if found_inf is None:
+                    weights.add_(update, alpha=step_size)
+                else:
+                    weights.add_(update.to(weights.dtype) * (step_size * keep))
 
-    def momentum_blend(self, p, group):
+    def momentum_blend(self, p, group, found_inf, keep):
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p.grad)  # sharded like the gradient under FSDP
         buffer, grad = local(state["momentum_buffer"]), local(p.grad)
-        buffer.lerp_(grad, 1 - group["momentum"])
+        if found_inf is not None:  # a skipped step's gradient (NaN, inf) must not reach the buffer, even times 0
+            grad = torch.where(found_inf.bool(), 0.0, grad)
+        buffer.lerp_(grad, (1 - group["momentum"]) * keep)
         return grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
 
     def newton_schulz(self, update, group):
@@ -267,21 +277,26 @@ def restore_grad_scaler(scaler, saved, rt):
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
     """The update after a step's backward passes: gradients unscaled (fp16), clipped to grad_clip (0: not
-    clipped), the optimizer's step, and the gradients zeroed. Returns the gradient norm before clipping, and whether
-    the update was applied: a gradient that is not finite (NaN or inf: a diverging run, or fp16's overflow) is
-    skipped, so the weights never take it. fp16's GradScaler skips such steps itself and lowers its scale; for the
-    other dtypes the norm decides (every rank sees the same norm: the gradients are reduced before it)."""
+    clipped), the optimizer's step, and the gradients zeroed. Returns the gradient norm before clipping, and
+    `skipped`, 1.0 where the update was not applied: a gradient that is not finite (NaN or inf: a diverging run, or
+    fp16's overflow) never reaches the weights or the optimizer's state, in any dtype. Both stay on the device: the
+    optimizers read the flag there (fused AdamW's found_inf, as fp16's GradScaler uses it; Muon's own), so the step
+    never waits for the device. Every rank sees the same norm (the gradients are reduced before it)."""
     scaler.unscale_(optimizer)
     # with clipping off, an infinite cap only measures the norm
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, summed over the shards
         grad_norm = grad_norm.full_tensor()
-    # reading the norm waits for the device, once a step (as fp16's scaler does): the price of never applying a NaN
-    applied = bool(torch.isfinite(grad_norm))
-    if applied or scaler.is_enabled():
-        scaler.step(optimizer)
-    scaler.update()
+    skipped = (~torch.isfinite(grad_norm)).float()
+    for part in (optimizer.optimizers.values() if isinstance(optimizer, Optimizers) else [optimizer]):
+        if isinstance(part, Muon) or part.defaults.get("fused"):
+            part.grad_scale, part.found_inf = None, skipped
+            part.step()
+            del part.grad_scale, part.found_inf
+        elif not skipped.item():  # (an optimizer that cannot read the flag: MPS's AdamW, unfused)
+            part.step()
+    scaler.update()  # fp16: a skipped step lowers the loss scale (unscale_ saw the same non-finite gradients)
     # Under DDP the gradients are views into its communication buckets (gradient_as_bucket_view): zeroed in place
     # they stay there; set to None, the next backward would allocate new ones beside the buckets, every step.
     optimizer.zero_grad(set_to_none=not isinstance(model, DDP))
-    return grad_norm, applied
+    return grad_norm, skipped

@@ -31,7 +31,7 @@ from cli import (OneLineParser, UserError, add_device_flags, fraction, non_negat
 from model import GPT, PRESETS, GPTConfig, preset_config
 from optim import MUON_LR_SCALE, local, optimizer_step
 from parallel import build_training, require_grad_sync
-from measure import Throughput
+from measure import Throughput, device_memory_bytes, memory_estimate
 from runtime import Runtime, agrees_with_rank0, join_job, setup_runtime, shutdown, signal_on_parent_death
 
 DEFAULT_MODEL = "gpt2-micro"
@@ -241,6 +241,26 @@ def check_batch_split(saved, world_size, given):
                     f"and so the data and the losses, stay the checkpoint's)")
 
 
+MEMORY_ADVICE = "lower --batch_size (--total_batch_size keeps the global batch, in more micro-steps), or add " \
+                "--activation_checkpointing, or shard the model with --fsdp under torchrun"
+
+
+def check_memory(cfg, args, rt, accum_steps):
+    """Refuse, before anything is allocated, a run whose step clearly cannot fit the device: bench.py's estimate
+    (measure.memory_estimate, an upper bound: its parts never all peak at once) over 1.5x the device's memory. A
+    CPU would otherwise swap, then be killed without a word; a GPU would fail in its first step."""
+    shards = rt.world_size if args.fsdp else 1
+    parts = memory_estimate(cfg, args.batch_size * args.seq_len, shards, args.activation_checkpointing,
+                            accum_steps > 1, low_precision=rt.dtype != torch.float32)
+    need, have = sum(parts.values()), device_memory_bytes(rt)
+    if have and need > 1.5 * have:
+        largest = max(parts, key=parts.get)
+        where = "GPU" if rt.device_type == "cuda" else "process's share of this machine's memory"
+        raise UserError(f"a step of --batch_size {args.batch_size} x --seq_len {args.seq_len} needs about "
+                        f"{need / 1e9:,.1f} GB ({largest} {parts[largest] / 1e9:,.1f} GB), and the {where} has "
+                        f"{have / 1e9:,.1f} GB: {MEMORY_ADVICE}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The run: main -> setup -> train (the loop) -> train_step.
 
@@ -264,6 +284,9 @@ def main(argv=None):
         exit_code = 2
     except StopRequested as stop:
         exit_code = 128 + stop.signum if stop.signum else 1
+    except torch.OutOfMemoryError as e:  # a GPU's: a CPU's is the kernel's kill, which no process sees
+        print_error(f"out of GPU memory ({str(e).strip().splitlines()[0][:120]}): {MEMORY_ADVICE}")
+        exit_code = 2
     finally:
         shutdown()  # here, where the run's model and optimizer are gone
     if exit_code:
@@ -327,6 +350,7 @@ def setup(args, given):
         cfg = model_config(args)
     accum_steps = batch_geometry(args, cfg, int(os.environ.get("WORLD_SIZE", 1)))
     rt = setup_runtime(args.device, args.dtype)
+    check_memory(cfg, args, rt, accum_steps)
     loader = LOADERS[args.dataset_type](args.dataset_path, args.seq_len, args.batch_size, accum_steps,
                                         rank=rt.rank, world_size=rt.world_size, seed=args.seed)
     if args.dataset_type == "alpaca" and rt.master:
@@ -374,21 +398,16 @@ def train(run):
     """The loop: a step, then what the step is due for: stopping on a signal, logging, evaluation, a checkpoint."""
     args, rt = run.args, run.rt
     speed = Throughput(run.raw_model.flops_per_token(args.seq_len), rt, run.start_step)
-    skipped = 0  # updates skipped in a row, their gradient not finite
+    # updates skipped (their gradient not finite) in a row, and since the last log: on the device, read when logging
+    in_a_row = since_log = torch.zeros((), device=rt.device)
     saved_step = run.start_step if args.resume else None  # the step ckpt.pt holds
     with run.out_dir_lock or contextlib.nullcontext(), run.metrics, StopSignal(rt, run.ckpt_path) as stop_signal:
         for step in range(run.start_step + 1, args.max_steps + 1):  # step: the number of this update, 1-based
             # ---- the step
-            lr, loss_sum, grad_norm, tokens, applied = train_step(run.model, run.optimizer, run.scaler, run.loader,
+            lr, loss_sum, grad_norm, tokens, skipped = train_step(run.model, run.optimizer, run.scaler, run.loader,
                                                                   step, run.accum_steps, rt, args)
             speed.count(tokens)
-            skipped = 0 if applied else skipped + 1
-            if skipped and rt.master and rt.dtype != torch.float16:  # (fp16's scaler skips a few while it calibrates)
-                print(f"step {step}: the gradient norm is {grad_norm.item()}: update skipped", file=sys.stderr)
-            if skipped >= MAX_SKIPPED_STEPS:
-                raise UserError(f"the gradient was not finite for {skipped} steps in a row (to step {step}), their "
-                                f"updates skipped; stopped, {kept_checkpoint(run.ckpt_path, saved_step)}. Try a lower --max_lr, "
-                                f"a lower --grad_clip, or --dtype float32")
+            in_a_row, since_log = (in_a_row + skipped) * skipped, since_log + skipped
 
             # ---- what this step is due for; a signal may reach the ranks at different steps: they stop together.
             # After a signal only the checkpoint: under torchrun the processes are killed a set time after the
@@ -402,6 +421,14 @@ def train(run):
                 continue  # reading the loss back waits for the device: only on steps that log, evaluate or save
 
             # ---- logging
+            skipped_steps, since_log = int(since_log.item()), torch.zeros_like(since_log)
+            if skipped_steps and rt.master and rt.dtype != torch.float16:  # (fp16's scaler skips some to calibrate)
+                print(f"step {step}: {skipped_steps} update(s) skipped since the last log, their gradient not "
+                      f"finite", file=sys.stderr)
+            if in_a_row.item() >= MAX_SKIPPED_STEPS:
+                raise UserError(f"the gradient was not finite for {int(in_a_row.item())} steps in a row (to step "
+                                f"{step}), their updates skipped; stopped, {kept_checkpoint(run.ckpt_path, saved_step)}"
+                                f". Try a lower --max_lr, a lower --grad_clip, or --dtype float32")
             loss = rt.all_reduce_mean(loss_sum).item()
             if not math.isfinite(loss):
                 raise UserError(f"the training loss became {loss} at step {step}; stopped, "
@@ -440,8 +467,8 @@ def train(run):
 def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
     """One optimizer update, number `step` (1-based): the forward and backward passes of its micro-steps, then
     clipping and the optimizer's step. Returns the learning rate, the loss (a device tensor: reading it waits for the
-    device), the gradient norm, the tokens fed (all ranks; padding included), and whether the update was applied
-    (not when the gradient was not finite)."""
+    device), the gradient norm, the tokens fed (all ranks; padding included), and `skipped`: 1.0 if the update was
+    not applied, its gradient not finite (a device tensor too)."""
     lr = get_lr(step, args)
     for group in optimizer.param_groups:
         # Muon's group runs at its own multiple of --max_lr (checkpoints from before --optimizer have no lr_scale)
@@ -465,8 +492,8 @@ def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
         tokens += x.numel() * rt.world_size
-    grad_norm, applied = optimizer_step(model, optimizer, scaler, args.grad_clip)
-    return lr, loss_sum, grad_norm, tokens, applied
+    grad_norm, skipped = optimizer_step(model, optimizer, scaler, args.grad_clip)
+    return lr, loss_sum, grad_norm, tokens, skipped
 
 
 def get_lr(step, args):

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import bench
+import measure
 from conftest import REPO
 
 NANO = ["--model", "gpt2-nano", "--device", "cpu", "--dtype", "float32", "--optimizer", "adamw"]
@@ -34,6 +35,14 @@ def test_decoding_benchmark_checks_the_cache_against_no_cache_and_transformers()
     result = run_bench("--sample", "--prompt_tokens", "8", "--new_tokens", "8")
     assert result["mode"] == "sample" and result["kv_cache_tokens_per_sec"] > 0
     assert result["same_tokens_with_and_without_cache"] and result["same_tokens_as_transformers"]
+
+
+def test_checkpoint_benchmark_times_saving_loading_and_the_checksum():
+    result = run_bench("--checkpoint")
+    assert result["mode"] == "checkpoint" and result["params"] > 0
+    for key in ("save_seconds", "load_seconds", "load_unverified_seconds", "checksum_seconds", "checkpoint_gb"):
+        assert result[key] > 0, key
+    assert result["checkpoint_gb"] > 3 * 4 * result["params"] / 1e9  # the weights and AdamW's two moments
 
 
 @pytest.mark.slow
@@ -68,12 +77,12 @@ def test_activation_checkpointing_lowers_the_peak_memory_of_a_step(small_text):
 @pytest.mark.parametrize("preset, params", [("gpt2", 124_439_808), ("gpt2-xl", 1_557_611_200), ("gpt2-nano", None)])
 def test_the_memory_estimate_counts_the_parameters_without_building_the_model(preset, params):
     cfg = bench.preset_config(preset)
-    assert bench.param_count(cfg) == (params or bench.GPT(cfg).num_params())
+    assert measure.param_count(cfg) == (params or bench.GPT(cfg).num_params())
 
 
 def test_the_memory_estimate_of_weights_gradients_and_optimizer_state_is_what_a_step_holds(small_text):
     result = run_bench("--dataset_path", small_text, "--seq_len", "32", "--batch_size", "2", "--steps", "1")
-    parts = bench.memory_estimate(bench.preset_config("gpt2-nano"), 2 * 32, 1, False, low_precision=False)
+    parts = measure.memory_estimate(bench.preset_config("gpt2-nano"), 2 * 32, 1, False, low_precision=False)
     estimate = (parts["weights"] + parts["gradients"] + parts["optimizer"]) / 1e9
     assert result["state_memory_gb_per_rank"] == [pytest.approx(estimate, abs=1e-4)]
     assert result["peak_memory_gb"] <= result["estimated_memory_gb"]  # the parts' sum bounds the peak

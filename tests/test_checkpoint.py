@@ -82,11 +82,18 @@ def test_resumed_metrics_drop_the_records_logged_after_the_checkpoint(tmp_path):
                                                           {"step": 3, "loss": 1.5}]
 
 
-def write_altered_checkpoint(path, alter):
+def write_checkpoint(path):
     model = small_model()
     save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False),
                     3, argparse.Namespace(seed=1))
+    return model
+
+
+def write_altered_checkpoint(path, alter):
+    """A checkpoint as edited by hand or written by another tool: altered, and without the checksum."""
+    model = write_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
+    ckpt.pop(checkpoint.CHECKSUM, None)
     alter(ckpt)
     torch.save(ckpt, path)
     return model
@@ -135,12 +142,114 @@ def test_a_model_without_biases_loads_and_samples(tmp_path):
     assert loaded.generate(torch.zeros(1, 1, dtype=torch.long), 4, temperature=0).shape == (1, 5)
 
 
+def flip_a_byte_of_a_weight(path, name="transformer.h.0.mlp.c_fc.weight"):
+    """Damage that torch.load does not see: one byte in the middle of a weight's data in the file (found by its
+    bytes: torch.save stores each tensor's data uncompressed) inverted."""
+    weight = torch.load(path, weights_only=True)["model"][name].numpy().tobytes()
+    data = bytearray(open(path, "rb").read())
+    at = data.find(weight)
+    assert at >= 0 and data.find(weight, at + 1) < 0  # found, and only there
+    data[at + len(weight) // 2] ^= 0xFF
+    open(path, "wb").write(data)
+
+
+DAMAGED = "is damaged: its tensors do not match the checksum written with them"
+
+
+def test_a_checkpoint_with_a_byte_flipped_in_its_tensors_is_refused_in_one_line(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    write_checkpoint(path)
+    flip_a_byte_of_a_weight(path)
+    for load in (load_checkpoint, load_model):
+        with pytest.raises(UserError, match=DAMAGED) as error:
+            load(path)
+        assert str(error.value).startswith(f"checkpoint {path} is damaged") and "\n" not in str(error.value)
+    assert load_checkpoint(path, verify=False)["step"] == 3  # a look at the config alone does not verify
+
+
+def test_a_saved_checkpoint_carries_the_checksum_of_its_tensors_and_loads_back_the_same(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    model = write_checkpoint(path)
+    saved = torch.load(path, weights_only=True)
+    crc = saved.pop(checkpoint.CHECKSUM)
+    assert isinstance(crc, int) and crc == checkpoint.checksum(saved) != 0
+    loaded = load_checkpoint(path, verify=True)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded["model"][name], tensor)
+
+
+def test_the_checksum_covers_every_tensor_whatever_its_dtype_and_the_order_the_dicts_were_built_in():
+    state = {"b": [torch.ones(3, dtype=torch.bfloat16), (torch.tensor(2.0), torch.zeros(0))], "a": {1: torch.eye(2)},
+             "step": 7, "config": {"lr": 1e-3}}
+    reordered = {"step": 8, "config": {}, "a": {1: torch.eye(2)},  # other non-tensors: not covered
+                 "b": [torch.ones(3, dtype=torch.bfloat16), (torch.tensor(2.0), torch.zeros(0))]}
+    before = checkpoint.checksum(state)
+    assert before == checkpoint.checksum(reordered)
+    for tensor in (state["b"][0], state["b"][1][0], state["a"][1]):
+        tensor.view(-1)[-1] += 1
+        after = checkpoint.checksum(state)
+        assert after != before
+        before = after
+
+
+def test_a_checkpoint_from_before_the_checksum_loads_with_nothing_printed(capfd):
+    assert checkpoint.CHECKSUM not in torch.load(OLD_CHECKPOINT, weights_only=True)
+    assert load_checkpoint(OLD_CHECKPOINT, verify=True)["step"] == 1
+    load_model(OLD_CHECKPOINT)
+    assert capfd.readouterr() == ("", "")
+
+
+SCRIPT_DAMAGE = {  # how the checkpoint was damaged -> (the damage, what the one line says)
+    "no model config": (lambda path: write_altered_checkpoint(path, lambda c: c.update(model_config=None)),
+                        "has no model config"),
+    "a byte flipped in a weight": (lambda path: (write_checkpoint(path), flip_a_byte_of_a_weight(path)), DAMAGED),
+}
+
+
+@pytest.mark.parametrize("damage", SCRIPT_DAMAGE)
 @pytest.mark.parametrize("script", [["sample.py", "--max_new_tokens", "2"], ["eval.py", "--dataset_path", "none"],
                                     ["export.py"]])
-def test_every_script_refuses_a_damaged_checkpoint_in_one_line(script, tmp_path):
+def test_every_script_refuses_a_damaged_checkpoint_in_one_line(script, damage, tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    write_altered_checkpoint(path, lambda c: c.update(model_config=None))
+    write_damaged, message = SCRIPT_DAMAGE[damage]
+    write_damaged(path)
     extra = ["--out_dir", str(tmp_path / "hf")] if script[0] == "export.py" else []
     result = subprocess.run([sys.executable, script[0], "--init_from", path, *script[1:], *extra], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "has no model config" in result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+    assert not os.path.exists(tmp_path / "hf")  # (export.py: nothing written)
+
+
+def test_resume_refuses_a_checkpoint_with_a_byte_flipped_and_leaves_it_as_it_was(small_text, tmp_path):
+    def train(*flags):
+        return subprocess.run([sys.executable, "train.py", "--out_dir", str(tmp_path), *flags], cwd=REPO,
+                              capture_output=True, text=True, timeout=240)
+
+    first = train("--dataset_path", small_text, "--model", "gpt2-nano", "--batch_size", "2", "--seq_len", "32",
+                  "--max_steps", "1", "--eval_steps", "1", "--sample_tokens", "0", "--device", "cpu", "--dtype",
+                  "float32", "--optimizer", "adamw")
+    assert first.returncode == 0, first.stderr
+    path = str(tmp_path / "ckpt.pt")
+    flip_a_byte_of_a_weight(path)
+    damaged = open(path, "rb").read()
+    result = train("--resume", "--max_steps", "2")  # on the damaged weights, it would train and save over them
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and DAMAGED in result.stderr
+    assert path in result.stderr and open(path, "rb").read() == damaged
+
+
+def test_a_checkpoint_of_weights_that_are_not_finite_is_refused_by_every_loader(tmp_path):
+    # what a diverged run saved with an earlier version: sample.py and eval.py would print NaN and exit 0
+    model = small_model()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[3, 1] = float("nan")
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False),
+                    1, argparse.Namespace(seed=1))
+    with pytest.raises(UserError, match=r"not finite .* transformer.h.0.mlp.c_fc.weight.*: it was saved from a "
+                                        r"diverged run") as error:
+        load_model(path)
+    assert "\n" not in str(error.value)
+    for script in (["sample.py", "--init_from", path], ["eval.py", "--init_from", path, "--dataset_path", "none"]):
+        result = subprocess.run([sys.executable, *script, "--device", "cpu"], cwd=REPO, capture_output=True,
+                                text=True)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not finite" in result.stderr

@@ -125,3 +125,14 @@ def test_bench_figures(flags):
     figures = json.loads(run("bench.py", *flags, "--device", "cuda", "--steps", "10").strip().splitlines()[-1])
     print("\n" + json.dumps(figures))  # for README.md's GPU table
     assert figures["dtype"] in ("bfloat16", "float16") and 0 < figures["mfu"] < 1
+
+
+def test_running_out_of_gpu_memory_is_one_line_with_the_advice(tmp_path, capsys, monkeypatch):
+    # past the estimate's check (an upper bound, so close calls run): the GPU's own out-of-memory error
+    monkeypatch.setattr(train, "check_memory", lambda *args: None)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--model", "gpt2", "--batch_size", "2048", "--seq_len", "1024", "--device", "cuda",
+                    "--dataset_path", os.path.join(REPO, "input.txt"), "--out_dir", str(tmp_path), "--max_steps", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: out of GPU memory") and "lower --batch_size" in err

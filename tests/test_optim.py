@@ -40,7 +40,7 @@ def test_gradients_are_clipped_to_the_cap_and_the_norm_before_clipping_returned(
     clipped = []
     optimizer.register_step_pre_hook(lambda opt, *_: clipped.append(
         torch.sqrt(sum(p.grad.square().sum() for group in opt.param_groups for p in group["params"]))))
-    norm, applied = optimizer_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 1.0)
+    norm, skipped = optimizer_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 1.0)
     torch.testing.assert_close(norm, norm_before)
     assert norm > 1 and clipped[0].item() == pytest.approx(1.0, rel=1e-4)
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
@@ -116,12 +116,16 @@ def test_an_update_whose_gradient_is_not_finite_is_skipped(optimizer):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     idx = torch.randint(0, 50, (2, 8))
     model(idx, idx)[1].backward()
-    assert optimizer_step(model, opt, scaler, 1.0)[1]  # a finite gradient: applied
+    assert optimizer_step(model, opt, scaler, 1.0)[1] == 0  # a finite gradient: applied
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     model(idx, idx)[1].backward()
     model.transformer.h[0].mlp.c_fc.weight.grad[0, 0] = float("nan")  # one NaN spoils the norm
-    norm, applied = optimizer_step(model, opt, scaler, 1.0)
-    assert not applied and norm.isnan()
+    state = [t.clone() for s in opt.state.values() for t in s.values()]
+    norm, skipped = optimizer_step(model, opt, scaler, 1.0)
+    assert skipped == 1 and norm.isnan()  # (both on the device: the step does not wait for it)
     for name, p in model.named_parameters():
-        assert torch.equal(p, before[name]), name  # no weight took the update
+        assert torch.equal(p, before[name]), name  # no weight took the update...
+    assert all(torch.equal(a, b) for a, b in zip(state, [t for s in opt.state.values() for t in s.values()]))
+    model(idx, idx)[1].backward()  # ...nor the optimizer's state: the next finite step is as if it never happened
+    assert optimizer_step(model, opt, scaler, 1.0)[1] == 0 and all(p.isfinite().all() for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())  # and the next step starts clean
