@@ -534,7 +534,9 @@ class StopSignal:
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         if self.launcher is not None:
-            signal_on_parent_death(signal.SIGTERM)
+            # a signal of its own: the kernel may deliver it more than once, and it must never count as a second
+            self.previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self.on_launcher_death)
+            signal_on_parent_death(signal.SIGUSR1)
         return self
 
     def __exit__(self, *exc):
@@ -554,6 +556,9 @@ class StopSignal:
         self.signum = signum
         if self.rt.master:
             print(f"\n{name}: saving after this step (send {name} again to quit at once)", flush=True)
+
+    def on_launcher_death(self, signum, frame):
+        self.signum = self.signum or signal.SIGTERM  # as if the launcher had passed on a SIGTERM
 
     def requested(self):
         """Whether any rank has been signalled: under torchrun the ranks agree, so they all stop after this step."""

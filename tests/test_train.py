@@ -247,7 +247,8 @@ def test_workers_whose_launcher_is_killed_save_and_stop_and_the_run_resumes(smal
     flags = [*TINY, "--dataset_path", small_text, "--out_dir", str(tmp_path), "--max_steps", "100000",
              "--save_interval", "100000"]
     launcher = subprocess.Popen([*TORCHRUN, "train.py", *flags], cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                stderr=open(tmp_path / "stderr.txt", "w"), text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
     for line in launcher.stdout:
         if line.startswith("step 2/"):
             break
