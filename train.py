@@ -24,15 +24,16 @@ import torch
 
 from checkpoint import (CHECKPOINT, METRICS, MetricsLog, claim_out_dir, load_checkpoint, load_model, save_checkpoint,
                         trained_with)
-from data import EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, Loader, accumulation_steps, get_tokenizer
-from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
 from cli import (OneLineParser, UserError, add_device_flags, fraction, non_negative_float, non_negative_int,
                  positive_float, positive_int, print_error)
+from data import EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, Loader, accumulation_steps, get_tokenizer
+from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
+from measure import Throughput, device_memory_bytes, memory_estimate
 from model import GPT, PRESETS, GPTConfig, preset_config
 from optim import MUON_LR_SCALE, local, optimizer_step
 from parallel import build_training, require_grad_sync
-from measure import Throughput, device_memory_bytes, memory_estimate
 from runtime import Runtime, agrees_with_rank0, join_job, setup_runtime, shutdown, signal_on_parent_death
+from tracking import Tracking, check_trackers, trackers
 
 DEFAULT_MODEL = "gpt2-micro"
 # --max_lr's and --beta2's defaults, by --optimizer: tuned on the default run (README.md, the optimizer). Under Muon
@@ -107,6 +108,11 @@ def build_parser():
     a("--hellaswag_path", help="HellaSwag's hellaswag_val.jsonl, or 'download' (online): its accuracy is logged "
       "every --hellaswag_interval steps and at the end")
     a("--hellaswag_interval", type=positive_int, default=1000, help="steps between HellaSwag evaluations")
+    a("--tensorboard", action="store_true", help="also log every record to TensorBoard, under out_dir/tensorboard "
+      "(needs the tensorboard package)")
+    a("--wandb", metavar="PROJECT", help="also log every record, and the run's flags, to this Weights & Biases "
+      "project (needs the wandb package; WANDB_MODE=offline works without a network); --resume continues the run")
+    a("--wandb_run_name", help="the W&B run's name (default: the out_dir's name)")
     a("--sample_tokens", type=non_negative_int, default=200, help="length of the sample printed at the end (0: none)")
     a("--resume", action="store_true", help="continue the run in --out_dir from its ckpt.pt, with its saved config")
     a("--overwrite", action="store_true", help="start afresh even if --out_dir holds a checkpoint, replacing it")
@@ -119,6 +125,7 @@ def build_parser():
 
 def check_args(args):
     """What the flags' types cannot check alone (each number is checked as the command line is read)."""
+    check_trackers(args)
     if args.fsdp and "WORLD_SIZE" not in os.environ:
         raise UserError("--fsdp shards the model over the processes of a torchrun job: launch it with torchrun "
                         "--nproc_per_node=N train.py ... (one process keeps the whole model anyway: drop --fsdp)")
@@ -169,7 +176,8 @@ def explicit_flags(parser, argv):
 # --batch_size too: a run may resume on another number of processes, the global batch (--total_batch_size) kept.
 RESUMABLE_OVERRIDES = {"max_steps", "batch_size", "device", "dtype", "compile", "reduce_dtype", "fsdp",
                        "activation_checkpointing", "log_interval", "eval_interval", "eval_steps", "save_interval", "sample_tokens", "out_dir",
-                       "resume", "overwrite", "hellaswag_path", "hellaswag_interval"}
+                       "resume", "overwrite", "hellaswag_path", "hellaswag_interval", "tensorboard", "wandb",
+                       "wandb_run_name"}
 
 
 def prepare_resume(args, given, notes):
@@ -316,7 +324,7 @@ class Run:
     start_step: int  # the step of the checkpoint resumed, else 0
     hellaswag_items: list  # None: no HellaSwag
     ckpt_path: str
-    metrics: MetricsLog
+    metrics: Tracking  # metrics.jsonl, and the trackers asked for
     out_dir_lock: object  # rank 0: the open lock file of --out_dir (closing it releases the out_dir); else None
 
 
@@ -385,6 +393,7 @@ def setup(args, given):
     if rt.master:
         for note in notes:
             print(note, file=sys.stderr)
+        metrics = Tracking(metrics, trackers(args, start_step if args.resume else None))  # TensorBoard, W&B
         name = f"from {args.init_from}" if args.init_from else args.model
         print(f"model {name}: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
               f"{cfg.n_head} heads, {cfg.n_embd} wide | {rt.device} {str(rt.dtype).removeprefix('torch.')} | "
