@@ -14,15 +14,15 @@ compare. Prints a line per metric, then one JSON line.
 
 import argparse
 import json
+import os
 import sys
 
-import numpy as np
-import torch
 
 from checkpoint import is_checkpoint, load_checkpoint, load_model
 from data import IGNORE_INDEX, LOADERS, AlpacaLoader, DataError
-from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
-from cli import OneLineParser, UserError, add_device_flags, positive_int, print_error
+from evaluation import evaluate, hellaswag_accuracy, load_hellaswag, windows
+from cli import OneLineParser, UserError, add_device_flags, non_negative_int, positive_int, print_error
+from files import write_atomically
 from runtime import setup_runtime
 
 
@@ -41,24 +41,14 @@ def build_parser():
     a("--max_tokens", type=positive_int, help="stop after about this many predicted tokens (default: the whole split)")
     a("--hellaswag_path", help="HellaSwag's hellaswag_val.jsonl, or 'download' (online)")
     a("--hellaswag_limit", type=positive_int, help="score only the first N items")
+    a("--tasks", help="comma-separated lm-evaluation-harness tasks to run on the model, in memory (needs lm-eval): "
+      "the harness's own (online) and those of --tasks_path, e.g. shakespeare_val (offline)")
+    a("--tasks_path", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks"),
+      help="a folder of lm-eval task YAML files, added to the harness's")
+    a("--limit", type=positive_int, help="--tasks: the first N documents of each task")
+    a("--num_fewshot", type=non_negative_int, help="--tasks: examples in each prompt (default: each task's)")
     add_device_flags(p)
     return p
-
-
-def windows(tokens, seq_len, batch_size, max_tokens):
-    """(x, y) batches of consecutive windows over a token array: every token but the first predicted once."""
-    n_windows = -(-(len(tokens) - 1) // seq_len)  # the last window may be shorter
-    if max_tokens:
-        n_windows = min(n_windows, -(-max_tokens // seq_len))
-    for first in range(0, n_windows, batch_size):
-        rows = [np.asarray(tokens[w * seq_len : (w + 1) * seq_len + 1], dtype=np.int64)
-                for w in range(first, min(first + batch_size, n_windows))]
-        x = torch.full((len(rows), max(map(len, rows)) - 1), 0, dtype=torch.long)
-        y = torch.full_like(x, IGNORE_INDEX)
-        for i, row in enumerate(rows):
-            x[i, : len(row) - 1] = torch.from_numpy(row[:-1])
-            y[i, : len(row) - 1] = torch.from_numpy(row[1:])
-        yield x, y
 
 
 def alpaca_batches(loader, split, batch_size, max_tokens):
@@ -79,6 +69,27 @@ def evaluate_split(model, args, rt):
         batches = windows(loader.splits[args.split], args.seq_len, args.batch_size, args.max_tokens)
     result = evaluate(model, batches, rt)
     return {"loss": result["loss"], "ppl": result["ppl"], "bpb": result["bpb"], "tokens": result["labels"]}
+
+
+def run_harness(model, rt, args):
+    """lm-eval's tasks (harness.py), each metric as "task_metric"; the harness's whole results are written to
+    lm_eval.json beside the checkpoint (for a hub name, in the current directory)."""
+    try:
+        import harness
+    except ImportError as e:
+        if e.name and e.name.split(".")[0] == "lm_eval":
+            raise UserError("--tasks needs lm-evaluation-harness: pip install lm-eval")
+        raise
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    out = harness.run_tasks(model, rt, names, args.seq_len, args.batch_size, args.limit, args.num_fewshot,
+                            args.tasks_path)
+    where = args.init_from if os.path.isdir(args.init_from) else os.path.dirname(args.init_from) \
+        if is_checkpoint(args.init_from) else "."
+    path = os.path.join(where, "lm_eval.json")
+    write_atomically(path, lambda f: f.write(json.dumps(out["results"], indent=1, default=str)), mode="w")
+    print(f"lm-eval results: {path}", file=sys.stderr)
+    return {f"{task}_{metric.split(',')[0]}": value for task, metrics in out["results"].items()
+            for metric, value in metrics.items() if isinstance(value, float) and not metric.endswith("_stderr")}
 
 
 def main(argv=None):
@@ -106,6 +117,8 @@ def main(argv=None):
             items = load_hellaswag(args.hellaswag_path, rt)[: args.hellaswag_limit]
             scores = hellaswag_accuracy(model, items, rt)
             results.update({"hellaswag_items": len(items), **{f"hellaswag_{k}": v for k, v in scores.items()}})
+        if args.tasks:
+            results.update(run_harness(model, rt, args))
     except (UserError, DataError) as e:
         print_error(e)
         sys.exit(2)

@@ -1,0 +1,96 @@
+"""
+lm-evaluation-harness's tasks on a model of this repo, in memory: `eval.py --tasks`, with no export to a Hugging
+Face directory first. Needs the lm-eval package (eval.py says so in one line when it is missing).
+
+    results = run_tasks(model, rt, ["hellaswag", "shakespeare_val"], seq_len=1024, batch_size=8)
+
+The harness asks a model three things, and HarnessModel answers each with the repo's own forward pass and GPT-2
+tokenizer:
+- loglikelihood(context, continuation): the continuation's log-probability after the context, and whether greedy
+  decoding would have produced it (multiple-choice tasks: HellaSwag, ARC, PIQA, ...);
+- loglikelihood_rolling(text): a whole text's log-probability (perplexity tasks), in consecutive windows of seq_len
+  tokens after an <|endoftext|>, each token predicted once from its window's earlier tokens: evaluation.windows, as
+  eval.py evaluates a split, so the same text in the same windows gives the same nats;
+- generate_until(context, until): greedy text, cut at the first stop string.
+Tasks come from the harness's registry (the hub's datasets: online) and from the YAML files of include_path (this
+repo's tasks/ folder by default, whose shakespeare_val runs offline).
+"""
+
+import os
+
+import torch
+from lm_eval import simple_evaluate
+from lm_eval.api.model import LM
+from lm_eval.tasks import TaskManager
+
+from cli import UserError
+from data import EOT_TOKEN, IGNORE_INDEX, get_tokenizer
+from evaluation import windows
+
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+
+
+class HarnessModel(LM):
+    def __init__(self, model, rt, seq_len, batch_size):
+        super().__init__()
+        self.model, self.rt, self.seq_len, self.batch_size = model.eval(), rt, seq_len, batch_size
+        self.tokenizer = get_tokenizer()
+
+    @torch.no_grad()
+    def nats(self, x, y):
+        """Per-position losses (B, T) of the model on x with targets y (IGNORE_INDEX: not counted), and its
+        logits, in the run's autocast."""
+        with self.rt.autocast():
+            logits, nats = self.model(x.to(self.rt.device), y.to(self.rt.device), loss_reduction="none")
+        return nats.float(), logits
+
+    def loglikelihood(self, requests):
+        results = []
+        for request in requests:
+            context, continuation = request.args
+            tokens = self.tokenizer.encode_ordinary(context) or [EOT_TOKEN]
+            target = self.tokenizer.encode_ordinary(continuation)
+            ids = (tokens + target)[-(self.model.config.block_size + 1):]  # the most recent context that fits
+            x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+            y[:, : len(ids) - 1 - len(target)] = IGNORE_INDEX  # only the continuation counts
+            nats, logits = self.nats(x, y)
+            greedy = logits[0, -len(target):].argmax(-1).cpu().tolist() == target
+            results.append((-nats.sum().item(), greedy))
+        return results
+
+    def loglikelihood_rolling(self, requests):
+        results = []
+        for request in requests:
+            tokens = [EOT_TOKEN] + self.tokenizer.encode_ordinary(request.args[0])
+            total = sum(self.nats(x, y)[0].sum().item() for x, y in windows(tokens, self.seq_len, self.batch_size,
+                                                                             None))
+            results.append(-total)
+        return results
+
+    def generate_until(self, requests):
+        results = []
+        for request in requests:
+            context, settings = request.args
+            until = [u for u in settings.get("until", []) if u]
+            prompt = self.tokenizer.encode_ordinary(context) or [EOT_TOKEN]
+            prompt = prompt[-self.model.config.block_size:]
+            with self.rt.autocast():
+                out = self.model.generate(torch.tensor([prompt], device=self.rt.device),
+                                          settings.get("max_gen_toks", 256), temperature=0, stop_token=EOT_TOKEN)
+            text = self.tokenizer.decode([t for t in out[0, len(prompt):].tolist() if t != EOT_TOKEN])
+            for stop in until:
+                text = text.split(stop)[0]
+            results.append(text)
+        return results
+
+
+def run_tasks(model, rt, names, seq_len, batch_size, limit=None, num_fewshot=None, include_path=TASKS_DIR):
+    """lm-eval's results dict for the tasks `names` on model; an unknown task is a UserError naming it."""
+    manager = TaskManager(include_path=include_path)
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown lm-eval task {', '.join(unknown)}: `lm-eval ls tasks` lists the harness's (their "
+                        f"data downloads when online); YAML files in {include_path} add offline ones, e.g. "
+                        f"shakespeare_val")
+    return simple_evaluate(model=HarnessModel(model, rt, seq_len, batch_size), tasks=names, limit=limit,
+                           num_fewshot=num_fewshot, task_manager=manager, log_samples=False, bootstrap_iters=0)

@@ -1,0 +1,99 @@
+import json
+import math
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import eval as eval_script
+from checkpoint import save_checkpoint
+from conftest import REPO
+from data import EOT_TOKEN, get_tokenizer
+from evaluation import evaluate, windows
+from model import GPT, GPTConfig
+from runtime import Runtime
+
+harness = pytest.importorskip("harness", exc_type=ImportError)  # needs lm-eval
+
+TEXT = open(f"{REPO}/input.txt", encoding="utf-8").read()[:3000]
+
+
+def tiny_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64))
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()),
+                    torch.amp.GradScaler("cpu", enabled=False), 1, SimpleNamespace(seed=1))
+    return model
+
+
+def test_the_harness_s_loglikelihood_of_a_text_is_eval_py_s_loss_on_the_same_windows(tmp_path):
+    model, rt = tiny_checkpoint(tmp_path), Runtime("cpu", "cpu", torch.float32)
+    lm = harness.HarnessModel(model, rt, seq_len=32, batch_size=4)
+    [loglikelihood] = lm.loglikelihood_rolling([SimpleNamespace(args=(TEXT,))])
+    tokens = [EOT_TOKEN] + get_tokenizer().encode_ordinary(TEXT)
+    ours = evaluate(model, windows(tokens, 32, 4, None), rt)  # what eval.py computes over a split's windows
+    assert ours["labels"] == len(tokens) - 1
+    assert -loglikelihood / ours["labels"] == pytest.approx(ours["loss"], abs=1e-4)
+
+
+def test_a_continuation_s_loglikelihood_and_greedy_flag_are_the_model_s(tmp_path):
+    model, rt = tiny_checkpoint(tmp_path), Runtime("cpu", "cpu", torch.float32)
+    lm = harness.HarnessModel(model, rt, seq_len=64, batch_size=4)
+    context, continuation = "ROMEO:", " But soft"
+    [(loglikelihood, greedy)] = lm.loglikelihood([SimpleNamespace(args=(context, continuation))])
+    tokenizer = get_tokenizer()
+    ids = tokenizer.encode_ordinary(context) + tokenizer.encode_ordinary(continuation)
+    n = len(tokenizer.encode_ordinary(continuation))
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))[0]
+    logprobs = torch.log_softmax(logits[0, -n:].float(), -1)
+    expected = logprobs.gather(1, torch.tensor(ids[-n:])[:, None]).sum().item()
+    assert loglikelihood == pytest.approx(expected, abs=1e-4)
+    assert greedy == (logits[0, -n:].argmax(-1).tolist() == ids[-n:])
+
+
+def test_the_shipped_offline_task_runs_and_its_bits_per_byte_are_the_model_s(tmp_path, capsys):
+    model = tiny_checkpoint(tmp_path)
+    eval_script.main(["--init_from", str(tmp_path), "--dataset_path", "none", "--tasks", "shakespeare_val", "--limit",
+                      "3", "--device", "cpu", "--dtype", "float32"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads((tmp_path / "lm_eval.json").read_text())  # beside the checkpoint
+    assert saved["shakespeare_val"]["bits_per_byte,none"] == pytest.approx(result["shakespeare_val_bits_per_byte"])
+    # the same figure from the harness's own windows over the task's first 3 documents
+    docs = harness_docs(3)
+    lm = harness.HarnessModel(model, Runtime("cpu", "cpu", torch.float32), seq_len=64, batch_size=8)
+    total = sum(lm.loglikelihood_rolling([SimpleNamespace(args=(doc,)) for doc in docs]))
+    expected = -total / (sum(len(doc.encode("utf-8")) for doc in docs) * math.log(2))
+    assert result["shakespeare_val_bits_per_byte"] == pytest.approx(expected, rel=1e-5)
+
+
+def harness_docs(n):
+    sys.path.insert(0, harness.TASKS_DIR)
+    try:
+        import shakespeare
+    finally:
+        sys.path.remove(harness.TASKS_DIR)
+    return [row["text"] for row in shakespeare.validation_split()["validation"]][:n]
+
+
+# slow: each reads the harness's whole task registry (pytest -m slow)
+@pytest.mark.parametrize("case", [pytest.param("unknown task", marks=pytest.mark.slow),
+                                  pytest.param("task file that does not parse", marks=pytest.mark.slow), "no lm-eval"])
+def test_bad_tasks_are_one_line(case, tmp_path, capsys, monkeypatch):
+    tiny_checkpoint(tmp_path)
+    flags = ["--init_from", str(tmp_path), "--dataset_path", "none", "--device", "cpu", "--tasks", "no_such_task"]
+    if case == "task file that does not parse":
+        (tmp_path / "tasks").mkdir()
+        (tmp_path / "tasks" / "broken.yaml").write_text("task: broken\noutput_type: [unclosed\n")
+        flags += ["--tasks_path", str(tmp_path / "tasks"), "--tasks", "broken"]
+    if case == "no lm-eval":
+        monkeypatch.delitem(sys.modules, "harness")  # imported afresh, without lm_eval to import
+        monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_script.main(flags)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(err) == 1
+    expected = {"unknown task": "unknown lm-eval task no_such_task", "no lm-eval": "pip install lm-eval",
+                "task file that does not parse": "unknown lm-eval task broken"}[case]
+    assert expected in err[0]
