@@ -84,11 +84,32 @@ class HarnessModel(LM):
         return results
 
 
+def broken_task_file(include_path):
+    """A task file of include_path that does not parse (the harness skips it, so its task is "unknown"): raised as
+    the UserError naming it."""
+    import glob
+
+    import yaml
+
+    class AnyTags(yaml.SafeLoader):  # lm-eval's own tags (!function ...) are not the question here
+        pass
+
+    AnyTags.add_multi_constructor("!", lambda loader, suffix, node: None)
+    for path in sorted(glob.glob(os.path.join(include_path, "**", "*.yaml"), recursive=True)):
+        try:
+            with open(path, encoding="utf-8") as f:
+                yaml.load(f, AnyTags)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            reason = str(e).strip().splitlines()[0]
+            raise UserError(f"task file {path} does not parse ({reason}): fix it, or move it out of {include_path}")
+
+
 def run_tasks(model, rt, names, seq_len, batch_size, limit=None, num_fewshot=None, include_path=TASKS_DIR):
     """lm-eval's results dict for the tasks `names` on model; an unknown task is a UserError naming it."""
     manager = TaskManager(include_path=include_path)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
+        broken_task_file(include_path)
         raise UserError(f"unknown lm-eval task {', '.join(unknown)}: `lm-eval ls tasks` lists the harness's (their "
                         f"data downloads when online); YAML files in {include_path} add offline ones, e.g. "
                         f"shakespeare_val")

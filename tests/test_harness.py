@@ -95,5 +95,5 @@ def test_bad_tasks_are_one_line(case, tmp_path, capsys, monkeypatch):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and len(err) == 1
     expected = {"unknown task": "unknown lm-eval task no_such_task", "no lm-eval": "pip install lm-eval",
-                "task file that does not parse": "unknown lm-eval task broken"}[case]
+                "task file that does not parse": "broken.yaml does not parse"}[case]
     assert expected in err[0]
