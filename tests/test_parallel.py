@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import socket
 
@@ -122,6 +123,23 @@ def sharded_muon_equals_muon_on_whole_matrices(rt):
     assert sum(rt.gather(muons[1].orthogonalised)) == 3 * len(shapes)  # each matrix once a step, job-wide
 
 
+def fp16_loss_scales_stay_equal_under_fsdp_when_one_shard_overflows(rt):
+    fp16 = dataclasses.replace(rt, dtype=torch.float16)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50))
+    step_model, optimizer, scaler = build_training(model, fp16, weight_decay=0.1, lr=1e-2, betas=(0.9, 0.95),
+                                                   optimizer="muon", fsdp=True)
+    idx = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    scale = scaler.get_scale()
+    scaler.scale(step_model(idx, idx)[1]).backward()
+    if rt.rank == 0:  # an overflow in rank 0's rows alone
+        model.transformer.h[0].mlp.c_fc.weight.grad.to_local()[0, 0] = float("inf")
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    norm, skipped = optimizer_step(step_model, optimizer, scaler, grad_clip=1.0)
+    assert skipped == 1 and all(torch.equal(p.full_tensor(), b) for p, b in zip(model.parameters(), before))
+    assert rt.gather(scaler.get_scale()) == [scale / 2] * 2  # both ranks back off: their scales stay equal
+
+
 def test_ddp_on_two_gloo_processes():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,4 +147,5 @@ def test_ddp_on_two_gloo_processes():
     mp.spawn(ddp_worker, args=(port, ["gradients_stay_in_ddp_buckets", "rank0_agreement_is_every_rank_s",
                                       "bf16_gradient_reduction_is_close_to_fp32",
                                       "spread_muon_equals_muon_on_every_rank",
-                                      "sharded_muon_equals_muon_on_whole_matrices"]), nprocs=2)
+                                      "sharded_muon_equals_muon_on_whole_matrices",
+                                      "fp16_loss_scales_stay_equal_under_fsdp_when_one_shard_overflows"]), nprocs=2)
