@@ -13,10 +13,11 @@ Benchmarks: training steps, decoding, and checkpoints.
 Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from parallel.build_training and the
 batches from data.py's loaders, as in train.py. After --warmup steps, times --steps optimizer steps: each micro-step's
 forward and backward (gradients synced on the last), then clipping and the optimizer's step. Reports tokens/s, ms/step
-(and its two parts: forward+backward, and the optimizer), MFU and peak memory. MFU is against measure.peak_flops: the data sheet's bf16/fp16 peak for known GPUs, otherwise a
-large matmul timed on the spot in the run's dtype. Peak memory is the most the tensors held during one more step
-(measure.peak_memory_bytes: CUDA's allocator on a GPU, the profiler on a CPU), model and optimizer included, per
-process under torchrun, with the weights, gradients and optimizer state alone, and memory_estimate's figure.
+(and its two parts: forward+backward, and the optimizer), MFU and peak memory. MFU is against measure.peak_flops:
+the data sheet's bf16/fp16 peak for known GPUs, otherwise a large matmul timed on the spot in the run's dtype. Peak
+memory is the most the tensors held during one more step (measure.peak_memory_bytes: CUDA's allocator on a GPU, the
+profiler on a CPU), model and optimizer included, per process under torchrun, with the weights, gradients and
+optimizer state alone, and measure.memory_estimate's figure.
 Decoding: greedy tokens/s of a batch of one from random weights of the model's shape (or --init_from), with and
 without the KV cache, and of transformers' generate on the same weights when transformers is installed; then
 whether the three decode the same tokens, in full fp32 (where a tie between two logits cannot flip).

@@ -175,9 +175,9 @@ def explicit_flags(parser, argv):
 # The device, the dtype and the gradient traffic are the machine's: a run may move to another.
 # --batch_size too: a run may resume on another number of processes, the global batch (--total_batch_size) kept.
 RESUMABLE_OVERRIDES = {"max_steps", "batch_size", "device", "dtype", "compile", "reduce_dtype", "fsdp",
-                       "activation_checkpointing", "log_interval", "eval_interval", "eval_steps", "save_interval", "sample_tokens", "out_dir",
-                       "resume", "overwrite", "hellaswag_path", "hellaswag_interval", "tensorboard", "wandb",
-                       "wandb_run_name"}
+                       "activation_checkpointing", "log_interval", "eval_interval", "eval_steps", "save_interval",
+                       "sample_tokens", "out_dir", "resume", "overwrite", "hellaswag_path", "hellaswag_interval",
+                       "tensorboard", "wandb", "wandb_run_name"}
 
 
 def prepare_resume(args, given, notes):
@@ -429,20 +429,14 @@ def train(run):
             if not (step % args.log_interval == 0 or do_eval or do_save or do_hellaswag):
                 continue  # reading the loss back waits for the device: only on steps that log, evaluate or save
 
-            # ---- logging
-            skipped_steps, since_log = int(since_log.item()), torch.zeros_like(since_log)
-            if skipped_steps and rt.master and rt.dtype != torch.float16:  # (fp16's scaler skips some to calibrate)
-                print(f"step {step}: {skipped_steps} update(s) skipped since the last log, their gradient not "
-                      f"finite", file=sys.stderr)
-            if in_a_row.item() >= MAX_SKIPPED_STEPS:
-                raise UserError(f"the gradient was not finite for {int(in_a_row.item())} steps in a row (to step "
-                                f"{step}), their updates skipped; stopped, {kept_checkpoint(run.ckpt_path, saved_step)}"
-                                f". Try a lower --max_lr, a lower --grad_clip, or --dtype float32")
+            # ---- logging (a step whose loss, gradient or weights are not finite stops the run: see kept_checkpoint)
+            kept = kept_checkpoint(run.ckpt_path, saved_step)
+            report_skipped_updates(int(since_log.item()), int(in_a_row.item()), step, kept, rt)
+            since_log = torch.zeros_like(since_log)
             loss = rt.all_reduce_mean(loss_sum).item()
             if not math.isfinite(loss):
-                raise UserError(f"the training loss became {loss} at step {step}; stopped, "
-                                f"{kept_checkpoint(run.ckpt_path, saved_step)}. Try a lower --max_lr, a lower --grad_clip, or "
-                                f"--dtype float32")
+                raise UserError(f"the training loss became {loss} at step {step}; stopped, {kept}. Try a lower "
+                                f"--max_lr, a lower --grad_clip, or --dtype float32")
             record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm.item(), 6),
                       **speed.read(step)}
 
@@ -463,8 +457,8 @@ def train(run):
             # that are not finite: ckpt.pt keeps the last good one
             if do_save:
                 if not weights_are_finite(run.raw_model, rt):
-                    raise UserError(f"the weights are not finite at step {step}; not saved, stopped, "
-                                    f"{kept_checkpoint(run.ckpt_path, saved_step)}. Try a lower --max_lr or --dtype float32")
+                    raise UserError(f"the weights are not finite at step {step}; not saved, stopped, {kept}. Try a "
+                                    f"lower --max_lr or --dtype float32")
                 save_checkpoint(run.ckpt_path, run.raw_model, run.optimizer, run.scaler, step, args, write=rt.master)
                 saved_step = step
             if stop:
@@ -574,6 +568,18 @@ class StopSignal:
         if self.signum is None and self.launcher is not None and os.getppid() != self.launcher:
             self.signum = signal.SIGTERM  # the launcher is gone (where no parent-death signal came)
         return self.rt.any_rank(self.signum is not None)
+
+
+def report_skipped_updates(since_log, in_a_row, step, kept, rt):
+    """A note for the updates skipped since the last log (their gradient not finite: optim.optimizer_step), and the
+    run's stop when MAX_SKIPPED_STEPS were skipped in a row. fp16's loss scaling skips a few while it finds its
+    level: those are not noted."""
+    if since_log and rt.master and rt.dtype != torch.float16:
+        print(f"step {step}: {since_log} update(s) skipped since the last log, their gradient not finite",
+              file=sys.stderr)
+    if in_a_row >= MAX_SKIPPED_STEPS:
+        raise UserError(f"the gradient was not finite for {in_a_row} steps in a row (to step {step}), their updates "
+                        f"skipped; stopped, {kept}. Try a lower --max_lr, a lower --grad_clip, or --dtype float32")
 
 
 def kept_checkpoint(path, step):

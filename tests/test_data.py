@@ -330,7 +330,8 @@ GOOD = '{"instruction": "a", "output": "b"}'
         (f"[{GOOD}]", "1 usable example .* at least 2 are needed"),
         (json.dumps([{"instruction": "word " * 100, "output": "b"}] * 2), "no room for a response: use a larger"),
         ("[" * 100_000 + "]" * 100_000, r"not valid JSON \(nested too deeply"),  # deeper than Python's parser goes
-        (f'{GOOD}\n{{"instruction": "a", "output": {"[" * 50_000 + "]" * 50_000}}}', r"line 2 is not valid JSON \(nested"),
+        (f'{GOOD}\n{{"instruction": "a", "output": {"[" * 50_000 + "]" * 50_000}}}',
+         r"line 2 is not valid JSON \(nested"),
     ],
 )
 def test_bad_alpaca_data_is_named_with_its_fix(tmp_path, content, message):

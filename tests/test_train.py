@@ -365,7 +365,8 @@ def test_init_from_defaults_to_a_fine_tuning_recipe_and_flags_given_win(small_te
     # weights trained with AdamW (or not saying: before there was a choice) go on with AdamW, at a small constant rate
     init = ["--init_from", str(tmp_path / "start.pt")]
     assert settings("fine_tuned", *init) == ("adamw", 3e-5, 3e-5, 0, [3e-5, 3e-5])
-    assert "--init_from: fine-tuning defaults --optimizer adamw --max_lr 3e-05 --warmup_steps 0" in capsys.readouterr().err
+    notes = capsys.readouterr().err
+    assert "--init_from: fine-tuning defaults --optimizer adamw --max_lr 3e-05 --warmup_steps 0" in notes
     assert settings("given", *init, "--optimizer", "muon", "--max_lr", "1e-3", "--warmup_steps", "1") == \
         ("muon", 1e-3, 1e-3, 1, [1e-3, 1e-3])
     # a run trained with Muon (the default from scratch) is fine-tuned with Muon
