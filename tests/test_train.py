@@ -792,3 +792,18 @@ def test_a_one_process_run_resumes_on_two_processes_with_its_losses(small_text, 
                          str(tmp_path / "resumed"), torchrun=True)
     assert resumed.stderr.count("--resume: the learning rate now decays") == 1  # a note, from rank 0 only
     assert losses(read_metrics(tmp_path / "resumed")) == pytest.approx(losses(whole), abs=1e-4)
+
+
+def test_an_old_muon_checkpoint_s_optimizer_state_is_restored_whole():
+    # the losses above cannot tell a lost momentum on a model this small: the state itself must come back
+    saved = torch.load(OLD_MUON + ".pt", weights_only=True)
+    rt = setup_runtime("cpu", "float32")
+    _, optimizer, _ = build_training(GPT(GPTConfig(**saved["model_config"])), rt, weight_decay=0.1, lr=4e-3,
+                                     betas=(0.9, 0.99), optimizer="muon", state=saved)
+    restored = optimizer.state_dict()
+    for name in ("muon", "adamw"):
+        assert restored[name]["state"].keys() == saved["optimizer"][name]["state"].keys()
+        for index, state in saved["optimizer"][name]["state"].items():
+            for key, tensor in state.items():
+                assert torch.equal(restored[name]["state"][index][key], tensor), (name, index, key)
+    assert any(s["momentum_buffer"].abs().sum() > 0 for s in restored["muon"]["state"].values())
