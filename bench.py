@@ -45,7 +45,7 @@ from checkpoint import CHECKPOINT, checksum, load_checkpoint, load_model, save_c
 from data import LOADERS, DataError, accumulation_steps
 from model import GPT, PRESETS, preset_config
 from cli import OneLineParser, UserError, add_device_flags, fraction, non_negative_int, positive_int, print_error
-from optim import optimizer_step
+from optim import local, optimizer_step
 from parallel import build_training, require_grad_sync
 from measure import memory_estimate, peak_flops, peak_memory_bytes
 from runtime import setup_runtime, shutdown
@@ -167,11 +167,6 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
             "estimated_memory_gb": sum(memory_estimate(
                 cfg, args.batch_size * seq_len, world_size if args.fsdp else 1, args.activation_checkpointing,
                 accum_steps > 1, low_precision=rt.dtype != torch.float32).values()) / 1e9}
-
-
-def local(t):
-    """This rank's part of a tensor: a DTensor's (FSDP's) local shard, or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def local_bytes(t):

@@ -543,6 +543,8 @@ class StopSignal:
         return self
 
     def __exit__(self, *exc):
+        if self.launcher is not None:
+            signal_on_parent_death(0)  # (0: none) past the loop, the launcher's death no longer asks for a save
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
