@@ -9,6 +9,7 @@ Benchmarks: training steps, decoding, and checkpoints.
     python bench.py --memory_table 8 --batch_size 8         # the memory estimate for each GPT-2 size, nothing runs
     python bench.py --sample --model gpt2                   # decoding: KV cache, no cache, transformers' generate
     python bench.py --checkpoint --model gpt2               # saving and loading ckpt.pt, with and without its checksum
+    python bench.py --chat --model gpt2                     # sample.py --chat's turns, with and without its kept cache
 
 Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from parallel.build_training and the
 batches from data.py's loaders, as in train.py. After --warmup steps, times --steps optimizer steps: each micro-step's
@@ -21,6 +22,12 @@ optimizer state alone, and measure.memory_estimate's figure.
 Decoding: greedy tokens/s of a batch of one from random weights of the model's shape (or --init_from), with and
 without the KV cache, and of transformers' generate on the same weights when transformers is installed; then
 whether the three decode the same tokens, in full fp32 (where a tie between two logits cannot flip).
+Chat: --turns turns of sample.py --chat (sample.Chat), the same message each, greedy replies of --reply_tokens at
+most, from random weights of the model's shape (or --init_from): the KV cache kept from turn to turn (each turn
+prefills only its own new tokens), then the whole conversation prefilled again each turn. Per turn: the tokens
+prefilled, the ms to the reply's first token (the prefill) and to its end; then whether the two give the same replies
+(in full fp32, as for decoding). Past the model's context the oldest exchanges are dropped, as in sample.py: a kept
+cache is then filled again (--seq_len gives a random model a longer context).
 Checkpoints: the model with its --optimizer's state after one step, saved (checksum and fsync included) into a
 temporary directory, loaded back in full (no mmap) with and without verifying its checksum, and the checksum alone;
 each the faster of two runs, the loads from the page cache the save filled.
@@ -49,11 +56,12 @@ from optim import local, optimizer_step
 from parallel import build_training, require_grad_sync
 from measure import memory_estimate, peak_flops, peak_memory_bytes
 from runtime import setup_runtime, shutdown
+from sample import Chat
 
 
 def build_parser():
-    p = OneLineParser(description="Benchmark training steps (default), decoding (--sample) or checkpoints "
-                      "(--checkpoint).",
+    p = OneLineParser(description="Benchmark training steps (default), decoding (--sample), chat turns (--chat) or "
+                      "checkpoints (--checkpoint).",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="gpt2-micro", choices=list(PRESETS), help="preset, as in train.py")
@@ -64,6 +72,7 @@ def build_parser():
     a("--dataset_type", default="text", choices=list(LOADERS), help="as in train.py")
     a("--dataset_path", default="input.txt", help="as in train.py")
     a("--batch_size", type=positive_int, default=4, help="sequences per micro-batch, per process")
+    a("--packing", action=argparse.BooleanOptionalAction, default=True, help="as in train.py")
     a("--seq_len", type=positive_int, help="tokens per sequence (default: the model's context)")
     a("--total_batch_size", type=positive_int, help="tokens per optimizer step, all processes and micro-steps together "
       "(default: batch_size * seq_len * processes, no gradient accumulation)")
@@ -89,6 +98,10 @@ def build_parser():
     a("--init_from", help="--sample: these weights (as train.py's --init_from) instead of random ones")
     a("--prompt_tokens", type=positive_int, default=32, help="--sample: prompt length")
     a("--new_tokens", type=positive_int, default=128, help="--sample: tokens generated per run")
+    a("--chat", action="store_true", help="benchmark sample.py --chat's turns, with its KV cache kept from turn to "
+      "turn and with the whole conversation prefilled each turn, instead of training")
+    a("--turns", type=positive_int, default=10, help="--chat: turns of the conversation")
+    a("--reply_tokens", type=positive_int, default=32, help="--chat: tokens a reply gets at most")
     return p
 
 
@@ -98,7 +111,7 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
     # contention would otherwise lower the peak and flatter the MFU
     peak_before = peak_flops(rt)
     loader = LOADERS[args.dataset_type](args.dataset_path, seq_len, args.batch_size, accum_steps,
-                                        rank=rt.rank, world_size=world_size, seed=args.seed)
+                                        rank=rt.rank, world_size=world_size, seed=args.seed, packing=args.packing)
     torch.manual_seed(args.seed)
     raw_model = GPT(cfg)
     model, optimizer, scaler = build_training(raw_model, rt, weight_decay=0.1, lr=1e-4, betas=(0.9, 0.95),
@@ -110,16 +123,20 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
     model.train()
 
     seconds_in = {"forward_backward": 0.0, "optimizer": 0.0}  # where a step's time goes
+    fed = {"tokens": 0, "padding": 0}  # this rank's, over the timed steps
 
     def step(number):  # what train.train_step computes, less its bookkeeping (schedule, loss weights, seeding)
         tokens, t0 = 0, time.perf_counter()
         for micro_step in range(accum_steps):
-            x, y = rt.to_device(loader.get_batch("train", number, micro_step))
+            x, y, positions = rt.to_device(loader.get_batch("train", number, micro_step))
             require_grad_sync(model, micro_step == accum_steps - 1)
             with rt.autocast():
-                loss = model(x, y)[1] / accum_steps
+                loss = model(x, y, positions=positions)[1] / accum_steps
             scaler.scale(loss).backward()
             tokens += x.numel() * world_size  # padding included, as train.py counts
+            fed["tokens"] += x.numel()
+            # padding: what no example fills (Alpaca and chat batches: see data.ExampleLoader.collate and .pack)
+            fed["padding"] += x.numel() - loader.tokens_in("train", number, micro_step)
         rt.synchronize()  # (on a GPU: one wait more a step, to see where the time goes)
         t1 = time.perf_counter()
         optimizer_step(model, optimizer, scaler, grad_clip=1.0)
@@ -132,6 +149,7 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
         step(number)
     rt.synchronize()
     seconds_in.update(forward_backward=0.0, optimizer=0.0)
+    fed.update(tokens=0, padding=0)
     t0, tokens = time.perf_counter(), 0
     for number in range(args.warmup, args.warmup + args.steps):
         loss, step_tokens = step(number)
@@ -157,7 +175,7 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
             "ms_per_step": seconds_per_step * 1000,
             # the slowest rank's parts (under Muon each rank orthogonalises its own share of the matrices)
             "forward_backward_ms": step_parts["forward_backward"], "optimizer_ms": step_parts["optimizer"],
-            "tokens_per_sec": tokens_per_sec, "mfu": mfu,
+            "tokens_per_sec": tokens_per_sec, "mfu": mfu, "padding_share": fed["padding"] / fed["tokens"],
             "peak_tflops": peak / 1e12,
             # per process: the worst moment of a step, and the weights + gradients + optimizer state within it
             "peak_memory_gb": max(rt.gather(peak_memory)) / 1e9,
@@ -217,6 +235,56 @@ def bench_decoding(args, rt, cfg):
     results["params"] = model.num_params()
     results["prompt_tokens"], results["new_tokens"] = args.prompt_tokens, n
     return results
+
+
+CHAT_SYSTEM, CHAT_MESSAGE = "You are a helpful assistant.", "Tell me something about the sea."
+
+
+def bench_chat(args, rt, cfg):
+    torch.manual_seed(args.seed)
+    model = (load_model(args.init_from) if args.init_from else GPT(cfg)).to(rt.device).eval()
+    chat_turns(model, rt, 2, args.reply_tokens)  # warm-up: first calls allocate
+    runs = chat_turns(model, rt, args.turns, args.reply_tokens)
+    print("| turn | kept cache: tokens prefilled | prefill ms | turn ms | whole conversation prefilled: tokens | "
+          "prefill ms | turn ms |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for k, (kept, again) in enumerate(zip(runs["kept_cache"], runs["prefill_all"]), 1):
+        print(f"| {k} | {kept['fed']} | {kept['prefill_ms']:.1f} | {kept['turn_ms']:.1f} | {again['fed']} | "
+              f"{again['prefill_ms']:.1f} | {again['turn_ms']:.1f} |")
+    # the same replies? In full fp32, as bench_decoding compares (the timed runs are that already on a CPU in fp32)
+    exact_runs = runs
+    if rt.device_type != "cpu" or rt.dtype != torch.float32:
+        with exact_matmuls():
+            exact_runs = chat_turns(model, dataclasses.replace(rt, dtype=torch.float32), args.turns,
+                                    args.reply_tokens)
+    replies = {name: [turn["reply"] for turn in turns] for name, turns in exact_runs.items()}
+    results = {"params": model.num_params(), "context": model.config.block_size, "turns": args.turns,
+               "reply_tokens": args.reply_tokens}
+    for name, turns in runs.items():
+        for key in ("fed", "prefill_ms", "turn_ms"):
+            results[f"{name}_{key}"] = [round(turn[key], 2) for turn in turns]
+    results["same_replies"] = replies["kept_cache"] == replies["prefill_all"]
+    return results
+
+
+def chat_turns(model, rt, turns, reply_tokens):
+    """Two conversations of `turns` turns through sample.Chat, CHAT_MESSAGE each: one keeps its KV cache from turn
+    to turn, the other prefills the whole conversation every turn. They take turns, so that both see the machine alike
+    (on a shared one, its load changes). Per conversation, per turn: the tokens prefilled, the ms to the reply's first
+    token and to its end, and the reply."""
+    chats = {"kept_cache": Chat(model, CHAT_SYSTEM), "prefill_all": Chat(model, CHAT_SYSTEM, keep_cache=False)}
+    figures = {name: [] for name in chats}
+    for _ in range(turns):
+        for name, chat in chats.items():
+            t0 = time.perf_counter()
+            first, reply = None, []
+            with rt.autocast():
+                for token in chat.reply(CHAT_MESSAGE, reply_tokens, temperature=0):  # (each one read: synchronized)
+                    first = first or time.perf_counter()
+                    reply.append(token)
+            end = time.perf_counter()
+            figures[name].append({"fed": chat.fed, "prefill_ms": ((first or end) - t0) * 1000,
+                                  "turn_ms": (end - t0) * 1000, "reply": reply})
+    return figures
 
 
 def bench_checkpoint(args, rt, cfg):
@@ -298,7 +366,8 @@ def main(argv=None):
             print_memory_table(args.memory_table, args.batch_size * (args.seq_len or 1024))
             return
         try:
-            cfg = preset_config(args.model, args.dropout, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+            cfg = preset_config(args.model, args.dropout, args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
+                                n_embd=args.n_embd)
         except ValueError as e:
             raise UserError(f"model shape: {e}")
         # the batch arithmetic is checked before joining the processes of a torchrun job, so all of them stop alike
@@ -310,14 +379,18 @@ def main(argv=None):
         accum_steps = accumulation_steps(total_batch_size, args.batch_size, seq_len, world_size)
         if args.sample and args.checkpoint:
             raise UserError("--sample and --checkpoint are two benchmarks: give one")
+        if args.chat and (args.sample or args.checkpoint):
+            raise UserError("--chat is a benchmark of its own: give it without --sample and --checkpoint")
         rt = setup_runtime(args.device, args.dtype)
-        if args.sample:
+        if args.chat:
+            result = bench_chat(args, rt, cfg)
+        elif args.sample:
             result = bench_decoding(args, rt, cfg)
         elif args.checkpoint:
             result = bench_checkpoint(args, rt, cfg)
         else:
             result = bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps)
-        mode = "sample" if args.sample else "checkpoint" if args.checkpoint else "train"
+        mode = "chat" if args.chat else "sample" if args.sample else "checkpoint" if args.checkpoint else "train"
         result = {"mode": mode, "model": args.init_from or args.model,
                   "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else rt.device,
                   "dtype": str(rt.dtype).removeprefix("torch."), "compile": args.compile,

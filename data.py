@@ -1,5 +1,5 @@
 """
-Data: a text file, Alpaca records or token shards -> GPT-2 tokens -> (x, y) batches. Knows nothing of models.
+Data: a text file, Alpaca or chat records, or token shards -> GPT-2 tokens -> (x, y) batches. Knows nothing of models.
 
 Batches are a pure function of (seed, step, micro_step, rank): the loop asks for "the rows of step s that micro-step
 m on rank r trains on", never for "the next batch". That is what makes resuming exact (only the step is needed) and
@@ -77,9 +77,9 @@ def load_text_tokens(path):
     written to a temporary file and renamed into place, so a run killed mid-write never leaves half a cache."""
     check_text_fits_in_memory(path)
     raw, text = read_text(path)
-    if looks_like_alpaca(text):
-        raise DataError(f"{path} holds Alpaca instruction records (JSON with an \"instruction\" key), not plain text: "
-                        f"use --dataset_type alpaca")
+    kind = json_records_type(text)
+    if kind:
+        raise DataError(f"{path} holds {kind} records (JSON), not plain text: use --dataset_type {kind}")
     digest = hashlib.sha256(raw).hexdigest()
     cache_path = path + ".tokens.npz"
     try:
@@ -145,19 +145,26 @@ def accumulation_steps(total_batch_size, batch_size, seq_len, world_size):
 
 class Loader:
     """What every loader shares. A step's global batch holds global_rows = batch_size * world_size * accum_steps
-    rows; get_batch(split, step, micro_step) returns this rank's (x, y) of one micro-step, int64 tensors of shape
-    (batch_size, length), y being IGNORE_INDEX where there is nothing to learn. A loader says what the rows of a
-    global batch are (global_batch) and how rows become tensors (make_batch); the split into micro-steps and ranks
-    (batch_rows) is the same for all."""
+    rows; get_batch(split, step, micro_step) returns this rank's (x, y, positions) of one micro-step: x and y int64
+    tensors of shape (rows, length), y being IGNORE_INDEX where there is nothing to learn, and positions None when
+    each row is one sequence from position 0, else the position of each token in its example (a packed batch:
+    ExampleLoader.pack). packing asks for packed batches; rows of text windows are full, with nothing to pack. A
+    loader says what the rows of a global batch are (global_batch) and how rows become tensors (make_batch); the
+    split into micro-steps and ranks (batch_rows) is the same for all."""
 
-    def __init__(self, seq_len, batch_size, accum_steps, rank, world_size, seed):
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+    def __init__(self, seq_len, batch_size, accum_steps, rank, world_size, seed, packing):
+        self.seq_len, self.batch_size, self.seed, self.packing = seq_len, batch_size, seed, packing
         self.rank, self.world_size = rank, world_size
         self.global_rows = batch_size * world_size * accum_steps
 
     def get_batch(self, split, step, micro_step):
         rows = self.global_batch(split, step)[batch_rows(micro_step, self.rank, self.batch_size, self.world_size)]
         return self.make_batch(split, rows)
+
+    def tokens_in(self, split, step, micro_step):
+        """The tokens of x in this rank's micro-batch that are data, not padding: all of them here (windows of text
+        are full); ExampleLoader counts its examples'."""
+        return self.batch_size * self.seq_len
 
     def targets_in_step(self, split, step):
         """Labels (y != IGNORE_INDEX) in step's whole global batch, all micro-steps and ranks: a function of the
@@ -184,8 +191,8 @@ class TextLoader(Loader):
     """Random windows of a tokenized text file: the first 90% of the tokens for training, the last 10% for
     validation. Row i of step s's global batch is the window at a random offset drawn from (seed, split, s)."""
 
-    def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337):
-        super().__init__(seq_len, batch_size, accum_steps, rank, world_size, seed)
+    def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337, packing=False):
+        super().__init__(seq_len, batch_size, accum_steps, rank, world_size, seed, packing)
         tokens = load_text_tokens(path)
         n_val = int(len(tokens) * VAL_FRACTION)
         self.splits = {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
@@ -203,10 +210,10 @@ class TextLoader(Loader):
         return rng.integers(0, len(self.splits[split]) - self.seq_len, size=self.global_rows)
 
     def make_batch(self, split, offsets):
-        """(x, y) of shape (len(offsets), seq_len), y being x shifted one token left."""
+        """(x, y, None), x and y of shape (len(offsets), seq_len), y being x shifted one token left."""
         window = self.splits[split][offsets[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
         window = torch.from_numpy(window)
-        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+        return window[:, :-1].contiguous(), window[:, 1:].contiguous(), None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,27 +261,41 @@ def first_json_record(text):
     return records[0] if isinstance(records, list) and records else records
 
 
-def looks_like_alpaca(text):
-    """Whether a would-be text file is Alpaca data. Plain text rarely starts with [ or {, so it costs nothing."""
+def record_type(record):
+    """"alpaca" or "chat" for a record of either kind of fine-tuning data, else None."""
+    if not isinstance(record, dict):
+        return None
+    if "instruction" in record:
+        return "alpaca"
+    return "chat" if isinstance(record.get("messages", record.get("conversations")), list) else None
+
+
+def json_records_type(text):
+    """Whether a would-be text file is fine-tuning data: "alpaca", "chat" or None. Plain text rarely starts with
+    [ or {, so asking costs nothing."""
     if text.lstrip()[:1] not in ("[", "{"):
-        return False
+        return None
     try:
-        record = first_json_record(text)
+        return record_type(first_json_record(text))
     except json.JSONDecodeError:
-        return False
-    return isinstance(record, dict) and "instruction" in record
+        return None
 
 
-def read_alpaca_records(path):
-    """The file's records, checked: a JSON list of objects, or JSONL (one object per line, blank lines allowed)."""
-    _, text = read_text(path, "JSON or JSONL file of Alpaca records")
+def read_json_records(path, kind):
+    """The records of a JSON list or JSONL file (one object per line, blank lines allowed) of `kind` ("alpaca" or
+    "chat"), and where each one is, for error messages: "line 12 of PATH" (JSONL) or "record 11 of PATH". A file
+    whose first record is of the other kind is refused, naming the --dataset_type it needs."""
+    example = {"alpaca": '{"instruction": "...", "input": "...", "output": "..."}',
+               "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'}
+    _, text = read_text(path, f"JSON or JSONL file of {kind} records")
     try:
         records = parse_json(text)
         records = [records] if isinstance(records, dict) else records  # JSONL with a single line
+        places = [f"record {i} of {path}" for i in range(len(records))] if isinstance(records, list) else []
     except json.JSONDecodeError as e:
         if text.lstrip().startswith("["):  # a JSON list with a mistake in it: point at the mistake
             raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): fix the file")
-        records = []
+        records, places = [], []
         for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
             if not line.strip():
                 continue
@@ -285,63 +306,69 @@ def read_alpaca_records(path):
                     raise DataError(f"{path} line {lineno} is not valid JSON ({e.msg}): fix or remove that line")
                 record = None
             if not records and not isinstance(record, dict):
-                raise DataError(f"{path} is neither JSON nor JSONL: Alpaca data is a JSON list of records or one "
+                raise DataError(f"{path} is neither JSON nor JSONL: {kind} data is a JSON list of records or one "
                                 f"JSON record per line; if it is plain text, use --dataset_type text")
             records.append(record)
+            places.append(f"line {lineno} of {path}")
     if not isinstance(records, list) or not records:
-        raise DataError(f"{path} holds no list of records: Alpaca data is a non-empty JSON list of objects like "
-                        f'{{"instruction": "...", "input": "...", "output": "..."}}')
-    for i, record in enumerate(records):
+        raise DataError(f"{path} holds no list of records: {kind} data is a non-empty JSON list of objects like "
+                        f"{example[kind]}")
+    other = record_type(records[0])
+    if other not in (None, kind):
+        raise DataError(f"{path} holds {other} records, not {kind} ones (its first is {json.dumps(records[0])[:60]}"
+                        f"...): use --dataset_type {other}")
+    for record, place in zip(records, places):
         if not isinstance(record, dict):
-            raise DataError(f'record {i} of {path} is not an object: each record is {{"instruction": "...", '
-                            f'"input": "...", "output": "..."}}')
+            raise DataError(f"{place} is not an object: each record is {example[kind]}")
+    return records, places
+
+
+def read_alpaca_records(path):
+    """The file's Alpaca records, checked."""
+    records, places = read_json_records(path, "alpaca")
+    for record, place in zip(records, places):
         for key in ("instruction", "input", "output"):
             if key not in record and key != "input":
-                raise DataError(f'record {i} of {path} has no "{key}": every record needs "instruction" and '
-                                f'"output" strings ("input" is optional)')
+                raise DataError(f'{place} has no "{key}": every record needs "instruction" and "output" strings '
+                                f'("input" is optional)')
             if key in record and not isinstance(record[key], str):
-                raise DataError(f'record {i} of {path}: "{key}" is {json.dumps(record[key])[:40]}, not a string: '
-                                f"make it a string")
+                raise DataError(f'{place}: "{key}" is {json.dumps(record[key])[:40]}, not a string: make it a string')
     return records
 
 
-class AlpacaLoader(Loader):
-    """Instruction fine-tuning on Alpaca records. Each example is the tokens of alpaca_prompt(...) then the output's
-    then <|endoftext|>; the labels are IGNORE_INDEX on the prompt, so only the response (and where it ends) is
-    learned. Prompt and output are tokenized apart, so the boundary between them is exact.
+class ExampleLoader(Loader):
+    """Fine-tuning on examples (Alpaca records, chat conversations): token sequences of which only some tokens are
+    learned, the others (prompts, the template's own text) being context. A subclass reads its file into
+    self.examples (uint16 token arrays), self.labelled (bool arrays: token j is a target) and self.turn_ends (where
+    each example may be cut, see fit).
 
     Like TextLoader's, batches are a function of (seed, split, step, micro_step, rank): the training order is
     Loader.epoch_order's, each epoch a permutation of the examples drawn from (seed, epoch). Validation is 5% of
     the usable examples (drawn with ALPACA_SPLIT_SEED, so a --seq_len that drops examples changes it), read in file
-    order, wrapping. A micro-batch is padded to its longest example only: short instructions cost little."""
+    order, wrapping. A micro-batch is either packed (see pack), or one row per example padded to the longest."""
 
-    def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337):
-        super().__init__(seq_len, batch_size, accum_steps, rank, world_size, seed)
-        records = read_alpaca_records(path)
-        tokenizer = get_tokenizer()
-        examples, n_prompt = [], []
-        self.n_records, self.n_truncated, self.n_dropped = len(records), 0, 0
-        for record in records:
-            prompt = tokenizer.encode_ordinary(alpaca_prompt(record["instruction"], record.get("input", "")))
-            if len(prompt) > seq_len:  # x holds seq_len tokens: with a longer prompt no response token is in y
+    def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337, packing=False):
+        super().__init__(seq_len, batch_size, accum_steps, rank, world_size, seed, packing)
+        self.path = path
+        self.examples, self.labelled = [], []
+        self.n_truncated = self.n_dropped = 0
+        for tokens, labelled, turn_ends in self.read_examples(path):
+            end = fit(labelled, turn_ends, seq_len)
+            if end is None:
                 self.n_dropped += 1
                 continue
-            response = tokenizer.encode_ordinary(record["output"]) + [EOT_TOKEN]
-            if len(prompt) + len(response) > seq_len + 1:  # keep the whole prompt, cut the response
-                response = response[: seq_len + 1 - len(prompt)]
-                self.n_truncated += 1
-            examples.append(np.array(prompt + response, dtype=np.uint16))  # GPT-2's ids fit, as in TextLoader
-            n_prompt.append(len(prompt))
-        n = len(examples)
+            self.n_truncated += end < len(tokens)
+            self.examples.append(np.array(tokens[:end], dtype=np.uint16))  # GPT-2's ids fit, as in TextLoader
+            self.labelled.append(np.array(labelled[:end], dtype=bool))
+        n = len(self.examples)
         if n == 0:
-            raise DataError(f"all {len(records)} records of {path} have prompts longer than --seq_len {seq_len} "
+            raise DataError(f"all {self.n_dropped} records of {path} have prompts longer than --seq_len {seq_len} "
                             f"tokens, leaving no room for a response: use a larger --seq_len")
         if n == 1:
             raise DataError(f"{path} has 1 usable example ({self.n_dropped} dropped as longer than --seq_len): "
                             f"at least 2 are needed, one to train on and one to validate on")
-        self.examples, self.n_prompt = examples, np.array(n_prompt)
-        # supervised tokens per example: y covers tokens 1.., so every token after the prompt is one target
-        self.n_targets = np.array([len(t) for t in examples]) - self.n_prompt
+        # supervised tokens per example: y covers tokens 1.., and token 0 is never a target
+        self.n_targets = np.array([labelled[1:].sum() for labelled in self.labelled])
         order = np.random.default_rng(ALPACA_SPLIT_SEED).permutation(n)
         n_val = max(1, int(n * ALPACA_VAL_FRACTION))
         self.splits = {"train": np.sort(order[n_val:]), "val": np.sort(order[:n_val])}  # example indices
@@ -354,25 +381,231 @@ class AlpacaLoader(Loader):
         return np.random.default_rng([self.seed, epoch]).permutation(n)[positions]
 
     def make_batch(self, split, ids):
-        return self.collate(ids)
+        return self.pack(ids) if self.packing else self.collate(ids)
+
+    def targets(self, i):
+        """Example i as (x, y): its tokens but the last, and the next token wherever that is a target, IGNORE_INDEX
+        elsewhere."""
+        tokens = self.examples[i].astype(np.int64)
+        return tokens[:-1], np.where(self.labelled[i][1:], tokens[1:], IGNORE_INDEX)
 
     def collate(self, ids):
-        """(x, y) int64 tensors of shape (len(ids), longest example - 1): y is x shifted one token left, IGNORE_INDEX
-        where it is a prompt token or padding. x is padded at the end, where causal attention keeps the padding from
-        the real tokens, with <|endoftext|> (any id would do: its labels are ignored)."""
+        """(x, y, None): int64 tensors of shape (len(ids), longest example - 1), one example a row. x is padded at
+        the end, where causal attention keeps the padding from the real tokens, with <|endoftext|> (any id would do:
+        its labels are IGNORE_INDEX)."""
         width = max(len(self.examples[i]) for i in ids) - 1
         x = np.full((len(ids), width), EOT_TOKEN, dtype=np.int64)
         y = np.full((len(ids), width), IGNORE_INDEX, dtype=np.int64)
         for row, i in enumerate(ids):
-            tokens = self.examples[i]
-            x[row, : len(tokens) - 1] = tokens[:-1]
-            y[row, self.n_prompt[i] - 1 : len(tokens) - 1] = tokens[self.n_prompt[i] :]  # y[j] is token j + 1
-        return torch.from_numpy(x), torch.from_numpy(y)
+            xi, yi = self.targets(i)
+            x[row, : len(xi)], y[row, : len(yi)] = xi, yi
+        return torch.from_numpy(x), torch.from_numpy(y), None
+
+    def pack(self, ids):
+        """(x, y, positions): the same examples as collate(ids), back to back in rows of at most seq_len tokens.
+        positions (int64, the shape of x) restart at 0 where each example starts: the model confines attention to
+        each example and gives its tokens the positions they would have alone (GPT.forward), so every example is
+        computed as in its own row. A row's unused end is padding, as in collate, with positions of its own.
+
+        The rows are those of first-fit-decreasing at the width, seq_len or less (in steps of 16), that leaves the
+        least padding: on GSM8K's records at 16 a micro-batch, about 10% of the tokens instead of collate's 35%."""
+        lengths = {i: len(self.examples[i]) - 1 for i in ids}
+        shortest = -(-max(lengths.values()) // 16) * 16
+        widths = [w for w in range(shortest, self.seq_len, 16)] + [self.seq_len]
+        rows = min((first_fit_decreasing(ids, lengths, w) for w in widths),
+                   key=lambda rows: len(rows) * max(sum(lengths[i] for i in row) for row in rows))
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        x = np.full((len(rows), width), EOT_TOKEN, dtype=np.int64)
+        y = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+        positions = np.zeros((len(rows), width), dtype=np.int64)
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                xi, yi = self.targets(i)
+                end = start + len(xi)
+                x[r, start:end], y[r, start:end], positions[r, start:end] = xi, yi, np.arange(len(xi))
+                start = end
+            positions[r, start:] = np.arange(width - start)
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(positions)
+
+    def tokens_in(self, split, step, micro_step):
+        ids = self.global_batch(split, step)[batch_rows(micro_step, self.rank, self.batch_size, self.world_size)]
+        return sum(len(self.examples[i]) - 1 for i in ids)
 
     def targets_in_step(self, split, step):
         """Supervised tokens in step's whole global batch (see Loader.targets_in_step): dividing the summed loss by
-        it weights every response token alike, however the tokens fall into micro-batches."""
+        it weights every target token alike, however the tokens fall into micro-batches."""
         return int(self.n_targets[self.global_batch(split, step)].sum())
+
+    def prompt(self, i):
+        """Example i's tokens before its first target: what a model is given to produce the first reply."""
+        return self.examples[i][: int(np.argmax(self.labelled[i]))].tolist()
+
+
+def first_fit_decreasing(ids, lengths, width):
+    """ids put into rows of `width` tokens (lists of ids): longest first, each into the first row with room for it
+    (a stable sort: ties keep the batch's order)."""
+    rows, room = [], []
+    for i in sorted(ids, key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([]), room.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def fit(labelled, turn_ends, seq_len):
+    """Where an example of len(labelled) tokens is cut so that it fits in a row (x holds seq_len tokens, y the
+    seq_len after them: seq_len + 1 in all): whole, else at the last turn end that fits, else within the first
+    reply, if that starts in time for a target; None (dropped) if no target fits."""
+    if len(labelled) <= seq_len + 1:
+        return len(labelled)
+    ends = [end for end in turn_ends if end <= seq_len + 1]
+    if ends:
+        return max(ends)
+    return seq_len + 1 if any(labelled[1 : seq_len + 1]) else None  # (token 0 is never a target)
+
+
+class AlpacaLoader(ExampleLoader):
+    """Instruction fine-tuning on Alpaca records. Each example is the tokens of alpaca_prompt(...) then the output's
+    then <|endoftext|>; only the output and its <|endoftext|> are targets, so only the response (and where it ends)
+    is learned. Prompt and output are tokenized apart, so the boundary between them is exact. A prompt longer than
+    --seq_len drops the example; a response too long for it is cut."""
+
+    def read_examples(self, path):
+        records = read_alpaca_records(path)
+        self.n_records = len(records)
+        tokenizer = get_tokenizer()
+        for record in records:
+            prompt = tokenizer.encode_ordinary(alpaca_prompt(record["instruction"], record.get("input", "")))
+            response = tokenizer.encode_ordinary(record["output"]) + [EOT_TOKEN]
+            yield prompt + response, [False] * len(prompt) + [True] * len(response), [len(prompt) + len(response)]
+
+    def summary(self):
+        return (f"{self.path}: {self.n_records} records -> {len(self.splits['train'])} train, "
+                f"{len(self.splits['val'])} val examples; {self.n_truncated} responses cut to --seq_len "
+                f"{self.seq_len}, {self.n_dropped} dropped (prompt longer than --seq_len)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat: conversations of system, user and assistant messages, trained on the assistant's replies.
+#
+# The template is plain text in GPT-2's own vocabulary (no new tokens: OpenAI's weights fine-tune on it as they are,
+# and an exported model is a plain GPT-2), each message a header line and its text, <|endoftext|> starting the
+# conversation and ending each reply, where generation then stops:
+#
+#   <|endoftext|>System:\nBe brief.\n\nUser:\nHi!\n\nAssistant:\nHello.<|endoftext|>User:\n...
+#
+# Each message's text is stripped of the whitespace around it, as most chat templates do: the newline ending a header
+# is then always a token of its own, so the tokens of a conversation up to "Assistant:\n" (what sample.py feeds the
+# model before a reply) are exactly the first tokens of the conversation with the reply. This is the one definition:
+# chat_pieces renders it for training and sampling, chat_template writes it as the Jinja template that export.py
+# gives transformers, and a test holds the two to the same tokens.
+
+CHAT_HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n"}
+CHAT_ENDS = {"system": "\n\n", "user": "\n\n", "assistant": "<|endoftext|>"}
+CHAT_START = "<|endoftext|>"
+# the roles of OpenAI's "messages" ("role"/"content") and ShareGPT's "conversations" ("from"/"value"), as above
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+CHAT_FORMATS = {"messages": ("role", "content"), "conversations": ("from", "value")}
+
+
+def chat_pieces(messages, add_generation_prompt=False):
+    """A conversation ([{"role", "content"}] with roles system, user, assistant) as the template's text, in pieces
+    (text, is_reply): is_reply marks each assistant message's text and the <|endoftext|> that ends it, the tokens
+    trained on. add_generation_prompt appends the header that asks for the assistant's next reply."""
+    pieces = [(CHAT_START, False)]
+    for message in messages:
+        role = message["role"]
+        pieces.append((CHAT_HEADERS[role], False))
+        pieces.append((message["content"].strip() + CHAT_ENDS[role], role == "assistant"))
+    if add_generation_prompt:
+        pieces.append((CHAT_HEADERS["assistant"], False))
+    return pieces
+
+
+def chat_tokens(messages, add_generation_prompt=False):
+    """(tokens, labelled, turn_ends) of a conversation: its template text's tokens, tokenized whole as a Hugging Face
+    tokenizer does (<|endoftext|> the special token), whether each is part of a reply, and the token counts at which
+    a reply ends (where a conversation may be cut)."""
+    tokenizer = get_tokenizer()
+    pieces = chat_pieces(messages, add_generation_prompt)
+    text = "".join(piece for piece, _ in pieces)
+    tokens = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    # the character each token starts at, against the pieces' spans
+    _, starts = tokenizer.decode_with_offsets(tokens)
+    bounds = np.cumsum([0] + [len(piece) for piece, _ in pieces])
+    piece_of = np.searchsorted(bounds, starts, side="right") - 1
+    is_reply = np.array([reply for _, reply in pieces])
+    labelled = is_reply[piece_of]
+    turn_ends = [int(np.searchsorted(starts, bounds[k + 1])) for k, (_, reply) in enumerate(pieces) if reply]
+    return tokens, labelled.tolist(), turn_ends
+
+
+def chat_template():
+    """The template as Jinja, for a Hugging Face tokenizer's chat_template: apply_chat_template(messages) gives the
+    tokens chat_tokens gives. Written from the constants above; every literal is a Jinja string expression, so the
+    trim_blocks and lstrip_blocks options transformers sets cannot touch its newlines."""
+    def literal(text):
+        return "{{ " + json.dumps(text) + " }}"
+    content = "{{ message['content'] | trim }}"
+    branches = [f"message['role'] == '{role}' %}}{literal(CHAT_HEADERS[role])}{content}{literal(CHAT_ENDS[role])}"
+                for role in CHAT_HEADERS]
+    return (literal(CHAT_START) + "{% for message in messages %}{% if " + "{% elif ".join(branches)
+            + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + literal(CHAT_HEADERS["assistant"])
+            + "{% endif %}")
+
+
+def conversation(record, place):
+    """A chat record (either format) as [{"role", "content"}], checked: known roles, string contents, at most one
+    system message and only first, at least one assistant message."""
+    key = next((key for key in CHAT_FORMATS if isinstance(record.get(key), list)), None)
+    if key is None:
+        if "instruction" in record:
+            raise DataError(f"{place} is an Alpaca record, not a conversation: use --dataset_type alpaca")
+        raise DataError(f'{place} has no "messages" list (OpenAI\'s format) or "conversations" list (ShareGPT\'s): '
+                        f"each record is one of them")
+    role_key, content_key = CHAT_FORMATS[key]
+    messages = []
+    for k, message in enumerate(record[key]):
+        where = f'{place}, {key}[{k}]'
+        if not isinstance(message, dict):
+            raise DataError(f'{where} is not an object: each message is {{"{role_key}": ..., "{content_key}": ...}}')
+        role = CHAT_ROLES.get(message.get(role_key))
+        if role is None:
+            raise DataError(f'{where} has "{role_key}" {json.dumps(message.get(role_key))[:40]}: the roles are '
+                            f'{", ".join(CHAT_ROLES)}')
+        content = message.get(content_key)
+        if not isinstance(content, str):
+            raise DataError(f'{where}: "{content_key}" is {json.dumps(content)[:40]}, not a string: make it a string')
+        if role == "system" and k > 0:
+            raise DataError(f"{where} is a system message after the first message: a conversation has at most one, "
+                            f"first")
+        messages.append({"role": role, "content": content})
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(f"{place} has no assistant message: a conversation needs at least one reply to learn from")
+    return messages
+
+
+class ChatLoader(ExampleLoader):
+    """Chat fine-tuning on conversations: records {"messages": [{"role", "content"}, ...]} (OpenAI's format) or
+    {"conversations": [{"from", "value"}, ...]} (ShareGPT's), an optional system message first, then user and
+    assistant messages. Each conversation is chat_tokens' tokens, every assistant reply (and the <|endoftext|> ending
+    it) a target, everything else context. One too long for --seq_len is cut after the last reply that fits, else
+    within its first reply; one whose first reply starts beyond --seq_len is dropped."""
+
+    def read_examples(self, path):
+        records, places = read_json_records(path, "chat")
+        self.n_records = len(records)
+        for record, place in zip(records, places):
+            yield chat_tokens(conversation(record, place))
+
+    def summary(self):
+        return (f"{self.path}: {self.n_records} conversations -> {len(self.splits['train'])} train, "
+                f"{len(self.splits['val'])} val; {self.n_truncated} cut to --seq_len {self.seq_len} (after the last "
+                f"reply that fits, where one does), {self.n_dropped} dropped (first reply beyond --seq_len)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -474,8 +707,8 @@ class ShardLoader(Loader):
     corpus's order (one source after another) never shows as a period in the loss; validation reads the windows in
     order from the start of the split."""
 
-    def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337):
-        super().__init__(seq_len, batch_size, accum_steps, rank, world_size, seed)
+    def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337, packing=False):
+        super().__init__(seq_len, batch_size, accum_steps, rank, world_size, seed, packing)
         if not os.path.isdir(path):
             raise DataError(f"{path} is not a folder of token shards: pass the --out_dir of prepare.py")
         try:
@@ -513,7 +746,7 @@ class ShardLoader(Loader):
         return shuffled_index(positions, n, self.seed, epoch)
 
     def make_batch(self, split, windows):
-        """(x, y) of shape (len(windows), seq_len), y being x shifted one token left."""
+        """(x, y, None), x and y of shape (len(windows), seq_len), y being x shifted one token left."""
         tokens, L = self.splits[split], self.seq_len
         rows = np.stack([tokens[w * L : (w + 1) * L + 1] for w in windows])
         if rows.max() > EOT_TOKEN:
@@ -524,7 +757,8 @@ class ShardLoader(Loader):
             raise DataError(f"{name} holds token id {rows[row, column]} at token {offset}, beyond GPT-2's vocabulary "
                             f"(0 to {EOT_TOKEN}): the shard is damaged or of another tokenizer; rerun prepare.py")
         window = torch.from_numpy(rows.astype(np.int64))
-        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+        return window[:, :-1].contiguous(), window[:, 1:].contiguous(), None
 
 
-LOADERS = {"text": TextLoader, "alpaca": AlpacaLoader, "shards": ShardLoader}  # --dataset_type: its loader
+# --dataset_type: its loader
+LOADERS = {"text": TextLoader, "alpaca": AlpacaLoader, "chat": ChatLoader, "shards": ShardLoader}

@@ -19,7 +19,7 @@ import sys
 
 
 from checkpoint import is_checkpoint, load_checkpoint, load_model
-from data import IGNORE_INDEX, LOADERS, AlpacaLoader, DataError
+from data import IGNORE_INDEX, LOADERS, DataError, ExampleLoader
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag, windows
 from cli import OneLineParser, UserError, add_device_flags, non_negative_int, positive_int, print_error
 from files import write_atomically
@@ -51,20 +51,22 @@ def build_parser():
     return p
 
 
-def alpaca_batches(loader, split, batch_size, max_tokens):
+def example_batches(loader, split, batch_size, max_tokens):
+    """The split's examples (Alpaca records, conversations) in order, batch_size at a time."""
     ids, predicted = loader.splits[split], 0
     for first in range(0, len(ids), batch_size):
-        x, y = loader.collate(ids[first : first + batch_size])
-        yield x, y
+        x, y, positions = loader.make_batch(split, ids[first : first + batch_size])
+        yield x, y, positions
         predicted += int((y != IGNORE_INDEX).sum())
         if max_tokens and predicted >= max_tokens:
             return
 
 
 def evaluate_split(model, args, rt):
-    loader = LOADERS[args.dataset_type](args.dataset_path, args.seq_len, args.batch_size, 1, seed=args.seed)
-    if isinstance(loader, AlpacaLoader):
-        batches = alpaca_batches(loader, args.split, args.batch_size, args.max_tokens)
+    loader = LOADERS[args.dataset_type](args.dataset_path, args.seq_len, args.batch_size, 1, seed=args.seed,
+                                        packing=True)
+    if isinstance(loader, ExampleLoader):
+        batches = example_batches(loader, args.split, args.batch_size, args.max_tokens)
     else:
         batches = windows(loader.splits[args.split], args.seq_len, args.batch_size, args.max_tokens)
     result = evaluate(model, batches, rt)

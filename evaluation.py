@@ -27,17 +27,17 @@ def token_byte_lengths():
 
 @torch.no_grad()
 def evaluate(model, batches, rt):
-    """{"loss": nats per label, "ppl": perplexity, "bpb": bits per byte, "labels": labels counted} over batches of
-    (x, y), all ranks' together. Bits per byte leave out <|endoftext|>, which stands for no text (nanochat's
-    convention)."""
+    """{"loss": nats per label, "ppl": perplexity, "bpb": bits per byte, "labels": labels counted} over a loader's
+    batches (x, y, positions), all ranks' together. Bits per byte leave out <|endoftext|>, which stands for no text
+    (nanochat's convention)."""
     was_training = model.training
     model.eval()
     byte_lengths = torch.from_numpy(token_byte_lengths()).to(rt.device)
     sums = torch.zeros(4, device=rt.device, dtype=sum_dtype(rt))  # nats, labels, nats of text tokens, their bytes
-    for x, y in batches:
-        x, y = rt.to_device((x, y))
+    for batch in batches:
+        x, y, positions = rt.to_device(batch)
         with rt.autocast():
-            _, nats = model(x, y, loss_reduction="none")  # (B, T), 0 where y is IGNORE_INDEX
+            _, nats = model(x, y, loss_reduction="none", positions=positions)  # (B, T), 0 where y is IGNORE_INDEX
         labelled = y != IGNORE_INDEX
         token_bytes = byte_lengths[y.clamp(min=0)] * labelled
         nats = nats.to(sums.dtype)
@@ -181,7 +181,7 @@ def hellaswag_batch(items, block_size):
 
 
 def windows(tokens, seq_len, batch_size, max_tokens):
-    """(x, y) batches of consecutive windows over a token array: every token but the first predicted once."""
+    """(x, y, None) batches of consecutive windows over a token array: every token but the first predicted once."""
     n_windows = -(-(len(tokens) - 1) // seq_len)  # the last window may be shorter
     if max_tokens:
         n_windows = min(n_windows, -(-max_tokens // seq_len))
@@ -193,4 +193,4 @@ def windows(tokens, seq_len, batch_size, max_tokens):
         for i, row in enumerate(rows):
             x[i, : len(row) - 1] = torch.from_numpy(row[:-1])
             y[i, : len(row) - 1] = torch.from_numpy(row[1:])
-        yield x, y
+        yield x, y, None

@@ -62,7 +62,7 @@ class HarnessModel(LM):
         results = []
         for request in requests:
             tokens = [EOT_TOKEN] + self.tokenizer.encode_ordinary(request.args[0])
-            total = sum(self.nats(x, y)[0].sum().item() for x, y in windows(tokens, self.seq_len, self.batch_size,
+            total = sum(self.nats(x, y)[0].sum().item() for x, y, _ in windows(tokens, self.seq_len, self.batch_size,
                                                                              None))
             results.append(-total)
         return results

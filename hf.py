@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from data import EOT_TOKEN, get_tokenizer
+from data import EOT_TOKEN, chat_template, get_tokenizer
 from model import GPT, GPTConfig
 
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -179,8 +179,9 @@ def bytes_to_unicode():
 
 
 def save_tokenizer(directory, model_max_length):
-    """vocab.json and merges.txt for transformers' GPT2Tokenizer, from tiktoken's ranks. A token's rank is its
-    merge's priority, so its merge is the last step of BPE run on its own bytes with the lower-ranked merges only."""
+    """vocab.json, merges.txt and tokenizer_config.json (with the chat template) for transformers' GPT2Tokenizer,
+    from tiktoken's ranks. A token's rank is its merge's priority, so its merge is the last step of BPE run on its own
+    bytes with the lower-ranked merges only."""
     ranks = get_tokenizer()._mergeable_ranks
     byte_char = bytes_to_unicode()
 
@@ -206,7 +207,8 @@ def save_tokenizer(directory, model_max_length):
         "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
         "tokenizer_config.json": json.dumps({
             "tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
-            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, indent=2),
+            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+            "chat_template": chat_template()}, indent=2),  # the chat template train.py's chat data is rendered in
     }
     for name, content in files.items():
         with open(os.path.join(directory, name + ".tmp"), "w", encoding="utf-8") as f:

@@ -51,10 +51,13 @@ PRESETS = {
 }
 
 
-def preset_config(name, dropout=0.0, **shape):
+def preset_config(name, dropout=0.0, seq_len=None, **shape):
     """The GPTConfig of preset `name`, with the fields of shape (n_layer=..., ...) that are not None in place of the
-    preset's. An impossible shape raises ValueError."""
-    return GPTConfig(**{**PRESETS[name], **{k: v for k, v in shape.items() if v is not None}}, dropout=dropout)
+    preset's, and a context (block_size) of at least seq_len: a model trained from scratch learns positions as far
+    as it is trained, so a preset's context is no limit to its sequences. An impossible shape raises ValueError."""
+    config = {**PRESETS[name], **{k: v for k, v in shape.items() if v is not None}}
+    config["block_size"] = max(config["block_size"], seq_len or 0)
+    return GPTConfig(**config, dropout=dropout)
 
 
 class CausalSelfAttention(nn.Module):
@@ -68,25 +71,83 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_PROJECTION = True  # see GPT._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, packed=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own slice of the channels
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        past = 0 if cache is None else cache.length
-        if cache is not None:  # generation: attend to the keys and values of every earlier position too
-            k, v = cache.update(self.layer_index, k, v)
-        if past == 0 or T == 1:
-            # is_causal lets PyTorch pick a fused kernel (flash attention on GPU) that never materialises a T x T
-            # mask; one new query after cached positions may see all of them, so it needs no mask at all
-            mask, is_causal = None, past == 0
-        else:  # several new queries after cached ones: query i sits at position past + i
-            positions = torch.arange(past + T, device=x.device)
-            mask, is_causal = positions <= positions[past:, None], False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
+        # (B, T, C) -> (B, T, n_head, head_size): each head attends on its own slice of the channels
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
+        dropout_p = self.dropout if self.training else 0.0
+        if packed is not None and packed.takes_varlen(q, dropout_p):
+            y = packed.varlen_attention(q, k, v)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, n_head, T, head_size)
+            past = 0 if cache is None else cache.length
+            if cache is not None:  # generation: attend to the keys and values of every earlier position too
+                k, v = cache.update(self.layer_index, k, v)
+            if packed is not None:  # several examples a row: each attends to itself only
+                mask, is_causal = packed.mask(), False
+            elif past == 0 or T == 1:
+                # is_causal lets PyTorch pick a fused kernel (flash attention on GPU) that never materialises a T x T
+                # mask; one new query after cached positions may see all of them, so it needs no mask at all
+                mask, is_causal = None, past == 0
+            else:  # several new queries after cached ones: query i sits at position past + i
+                positions = torch.arange(past + T, device=x.device)
+                mask, is_causal = positions <= positions[past:, None], False
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+            y = y.transpose(1, 2)
+        y = y.contiguous().view(B, T, C)  # the heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+
+class PackedRows:
+    """Attention for rows that hold several examples back to back (data.py's ExampleLoader.pack), given the position
+    of each token in its example (B, T), which restarts at 0 where an example starts: a token attends to the earlier
+    tokens of its own example only, so each example is computed exactly as in a row of its own.
+
+    On a GPU in bf16/fp16, through PyTorch's variable-length flash attention, which skips the blocks of other
+    examples instead of masking them: the rows are one sequence of B * T tokens cut at the examples' starts. Finding
+    the starts (nonzero) waits for the device once per forward. Elsewhere (CPU, float32, dropout) a (B, 1, T, T) mask
+    for scaled_dot_product_attention. Both are built on first use and shared by the layers."""
+
+    def __init__(self, positions):
+        self.positions = positions
+        self._mask = self._starts = None
+
+    def mask(self):
+        if self._mask is None:
+            example = (self.positions == 0).cumsum(dim=1)  # (B, T): which example of its row each token is in
+            T = example.size(1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=example.device).tril()
+            self._mask = ((example[:, :, None] == example[:, None, :]) & causal)[:, None]
+        return self._mask
+
+    def takes_varlen(self, q, dropout_p):
+        return VARLEN_ATTENTION is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
+            and dropout_p == 0.0
+
+    def varlen_attention(self, q, k, v):
+        """(B, T, n_head, head_size) q, k, v -> the attention's output, in the same shape."""
+        B, T, H, D = q.shape
+        if self._starts is None:
+            flat = self.positions.reshape(-1)
+            end = torch.tensor([flat.numel()], device=flat.device)
+            self._starts = torch.cat([torch.nonzero(flat == 0).flatten(), end]).to(torch.int32)
+        # an example is at most T long: T bounds max_q and max_k without reading the lengths back from the device
+        y = VARLEN_ATTENTION(q.reshape(B * T, H, D), k.reshape(B * T, H, D), v.reshape(B * T, H, D),
+                             self._starts, self._starts, T, T, window_size=(-1, 0))  # (-1, 0): causal
+        return y.view(B, T, H, D)
+
+
+def _varlen_attention():
+    """torch.nn.attention.varlen.varlen_attn, where this PyTorch has it (2.10 and later)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn
+    except ImportError:
+        return None
+
+
+VARLEN_ATTENTION = _varlen_attention()
 
 
 class CrossEntropy(torch.autograd.Function):
@@ -181,9 +242,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, packed=None):
         # pre-LayerNorm: the residual stream itself is never normalised, which keeps deep stacks trainable
-        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.attn(self.ln_1(x), cache, packed)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -224,25 +285,31 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, cache=None, loss_reduction="mean", positions=None):
         """idx: (B, T) token ids. With targets (B, T), returns (logits (B, T, vocab), loss): the mean cross-entropy
         over the targets that are not IGNORE_INDEX, or with loss_reduction="none" each position's (B, T), 0 where
         ignored (for evaluations that weigh tokens their own way). Without targets, returns (logits of the last
         position only (B, 1, vocab), None): all that generation needs, at 1/T of the cost. With a KVCache, idx
-        continues the positions already in it, and their keys and values are reused."""
+        continues the positions already in it, and their keys and values are reused. positions (B, T), for rows
+        that hold several examples (a packed batch), is each token's position in its example: attention stays
+        within each example (PackedRows)."""
         B, T = idx.shape
         past = 0 if cache is None else cache.length
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of length {past + T} is longer than the model's context "
                              f"({self.config.block_size})")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
+        packed = None
+        if positions is None:
+            positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        else:
+            packed = PackedRows(positions)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, n_embd)
         for block in self.transformer.h:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # non-reentrant: works with FSDP and torch.compile; dropout draws the same masks the second time
-                x = torch.utils.checkpoint.checkpoint(block, x, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cache, packed, use_reentrant=False)
             else:
-                x = block(x, cache)
+                x = block(x, cache, packed)
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
@@ -287,16 +354,26 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-                        stop_token=None, use_cache=True):
+                        stop_token=None, use_cache=True, cache=None):
         """Yield the next token of each row, (B, 1), max_new_tokens times, continuing idx (B, T).
 
         temperature 0 is greedy; top_k keeps the k most likely tokens, top_p the fewest whose probability adds up to
         top_p (both may be given). Rows that have produced stop_token keep producing it, and the stream ends when
         all of them have. When the context is full, the window slides by half of it: the newest block_size // 2
         tokens are fed again at positions 0..(block_size // 2 - 1), since GPT-2's positions are absolute. The cache
-        only saves work: with use_cache=False the same tokens come out, each one recomputing the whole window."""
-        window = idx[:, -self.config.block_size :]
-        cache = KVCache(self.config) if use_cache else None
+        only saves work: with use_cache=False the same tokens come out, each one recomputing the whole window.
+
+        cache: a KVCache the caller keeps from call to call (sample.py --chat's turns), instead of a new one. idx is
+        then only the tokens after the cache's positions, and nothing slides: the caller keeps cache.length + T +
+        max_new_tokens - 1 within block_size. Every token fed ends up in the cache, the last one yielded is not fed."""
+        kept = cache is not None
+        if kept and cache.length + idx.size(1) + max_new_tokens - 1 > self.config.block_size:
+            raise ValueError(f"{cache.length} cached + {idx.size(1)} new + {max_new_tokens} generated tokens exceed "
+                             f"the model's context ({self.config.block_size})")
+        use_cache = use_cache or kept
+        window = idx if kept else idx[:, -self.config.block_size :]
+        if not kept:
+            cache = KVCache(self.config) if use_cache else None
         new_tokens = window  # what the model has not seen yet
         finished = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
@@ -310,7 +387,7 @@ class GPT(nn.Module):
                 return
             window = torch.cat([window, next_token], dim=1)
             new_tokens = next_token
-            if window.size(1) > self.config.block_size:
+            if window.size(1) > self.config.block_size and not kept:
                 window = window[:, -(self.config.block_size // 2) :]
                 new_tokens, cache = window, KVCache(self.config) if use_cache else None
 

@@ -63,11 +63,11 @@ class Runtime:
         return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
 
     def to_device(self, batch):
-        """A loader's (x, y) on the device. To a GPU from pinned memory, without waiting: the copy overlaps the
-        previous kernels instead of stalling the host."""
+        """A loader's batch (x, y, positions) on the device (positions may be None). To a GPU from pinned memory,
+        without waiting: the copy overlaps the previous kernels instead of stalling the host."""
         if self.device_type == "cuda":
-            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
-        return tuple(t.to(self.device) for t in batch)
+            return tuple(t if t is None else t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+        return tuple(t if t is None else t.to(self.device) for t in batch)
 
     def all_reduce_sum(self, t):
         """t summed over the ranks, in place (t itself in a single process)."""

@@ -26,7 +26,8 @@ from checkpoint import (CHECKPOINT, METRICS, MetricsLog, claim_out_dir, load_che
                         trained_with)
 from cli import (OneLineParser, UserError, add_device_flags, fraction, non_negative_float, non_negative_int,
                  positive_float, positive_int, print_error)
-from data import EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, Loader, accumulation_steps, get_tokenizer
+from data import (EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, ExampleLoader, Loader, accumulation_steps,
+                  get_tokenizer)
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
 from measure import Throughput, device_memory_bytes, memory_estimate
 from model import GPT, PRESETS, GPTConfig, preset_config
@@ -55,7 +56,8 @@ def build_parser():
     a = p.add_argument
     a("--dataset_type", default="text", choices=list(LOADERS), help="text: a UTF-8 text file, the "
       "last 10%% held out; alpaca: instruction records in a JSON list or JSONL file, trained on the responses, 5%% "
-      "held out; shards: a folder of token shards written by prepare.py")
+      "held out; chat: conversations (OpenAI's messages or ShareGPT's conversations) in a JSON list or JSONL file, "
+      "trained on the assistant's replies, 5%% held out; shards: a folder of token shards written by prepare.py")
     a("--dataset_path", default="input.txt", help="the dataset file (a folder for shards)")
     a("--model", default=DEFAULT_MODEL, help=f"preset: {', '.join(PRESETS)}")
     a("--init_from", help="start from these weights instead of random ones, taking the model's shape from them: "
@@ -68,8 +70,13 @@ def build_parser():
     a("--n_head", type=positive_int, help="override the preset's number of attention heads")
     a("--n_embd", type=positive_int, help="override the preset's width")
     a("--dropout", type=fraction, default=0.0, help="dropout probability")
-    a("--batch_size", type=positive_int, default=4, help="sequences per micro-batch, per process")
-    a("--seq_len", type=positive_int, help="tokens per sequence (default: the model's context)")
+    a("--batch_size", type=positive_int, default=4, help="sequences (examples, for alpaca and chat) per micro-batch, "
+      "per process")
+    a("--packing", action=argparse.BooleanOptionalAction, default=True, help="alpaca and chat: put a micro-batch's "
+      "examples back to back in rows of --seq_len tokens, each computed as if alone, instead of one padded row each: "
+      "the same losses, less padding to compute")
+    a("--seq_len", type=positive_int, help="tokens per sequence (default: the model's context); from scratch, a "
+      "longer one extends the preset's context to it")
     a("--total_batch_size", type=positive_int, help="tokens per optimizer step, all processes and micro-steps together "
       "(default: batch_size * seq_len * processes, no gradient accumulation)")
     a("--max_steps", type=positive_int, default=320, help="optimizer steps to train for")
@@ -132,11 +139,12 @@ def check_args(args):
 
 
 def model_config(args):
-    """The preset's shape, with --n_layer, --n_head and --n_embd where given."""
+    """The preset's shape, with --n_layer, --n_head and --n_embd where given, and a context of at least --seq_len."""
     if args.model not in PRESETS:
         raise UserError(f"unknown --model {args.model!r}: choose one of {', '.join(PRESETS)}")
     try:
-        return preset_config(args.model, args.dropout, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+        return preset_config(args.model, args.dropout, args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
+                             n_embd=args.n_embd)
     except ValueError as e:
         raise UserError(f"model shape: {e}")
 
@@ -174,10 +182,11 @@ def explicit_flags(parser, argv):
 # Options that may change when resuming: they decide how long and how the run goes on, not what it computes.
 # The device, the dtype and the gradient traffic are the machine's: a run may move to another.
 # --batch_size too: a run may resume on another number of processes, the global batch (--total_batch_size) kept.
+# --packing changes the speed only.
 RESUMABLE_OVERRIDES = {"max_steps", "batch_size", "device", "dtype", "compile", "reduce_dtype", "fsdp",
-                       "activation_checkpointing", "log_interval", "eval_interval", "eval_steps", "save_interval",
-                       "sample_tokens", "out_dir", "resume", "overwrite", "hellaswag_path", "hellaswag_interval",
-                       "tensorboard", "wandb", "wandb_run_name"}
+                       "activation_checkpointing", "packing", "log_interval", "eval_interval", "eval_steps",
+                       "save_interval", "sample_tokens", "out_dir", "resume", "overwrite", "hellaswag_path",
+                       "hellaswag_interval", "tensorboard", "wandb", "wandb_run_name"}
 
 
 def prepare_resume(args, given, notes):
@@ -360,11 +369,9 @@ def setup(args, given):
     rt = setup_runtime(args.device, args.dtype)
     check_memory(cfg, args, rt, accum_steps)
     loader = LOADERS[args.dataset_type](args.dataset_path, args.seq_len, args.batch_size, accum_steps,
-                                        rank=rt.rank, world_size=rt.world_size, seed=args.seed)
-    if args.dataset_type == "alpaca" and rt.master:
-        print(f"{args.dataset_path}: {loader.n_records} records -> {len(loader.splits['train'])} train, "
-              f"{len(loader.splits['val'])} val examples; {loader.n_truncated} responses cut to --seq_len "
-              f"{args.seq_len}, {loader.n_dropped} dropped (prompt longer than --seq_len)")
+                                        rank=rt.rank, world_size=rt.world_size, seed=args.seed, packing=args.packing)
+    if isinstance(loader, ExampleLoader) and rt.master:
+        print(loader.summary())
     hellaswag_items = load_hellaswag(args.hellaswag_path, rt) if args.hellaswag_path else None
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -487,10 +494,11 @@ def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
     labels_in_step = loader.targets_in_step("train", step - 1)
     tokens = 0
     for micro_step in range(accum_steps):
-        x, y = rt.to_device(loader.get_batch("train", step - 1, micro_step))  # (batch_size, seq_len) each
+        # (batch_size, seq_len) each; positions None, or where the examples of a packed batch start (data.py)
+        x, y, positions = rt.to_device(loader.get_batch("train", step - 1, micro_step))
         require_grad_sync(model, micro_step == accum_steps - 1)  # DDP: all-reduce on the last micro-step only
         with rt.autocast():
-            loss = model(x, y)[1]  # the logits are not kept: they would live on through the next forward
+            loss = model(x, y, positions=positions)[1]  # the logits are not kept: they would outlive the step
         loss = loss * ((y != IGNORE_INDEX).sum() * rt.world_size / labels_in_step)
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
@@ -612,14 +620,13 @@ def log_line(record, max_steps, seconds_per_step):
 
 
 def print_sample(run):
-    """A sample from the trained model: a continuation of "\n", or for Alpaca data the response to the first
-    validation example's instruction (greedy, as the answer to a question is judged)."""
+    """A sample from the trained model: a continuation of "\n", or for Alpaca and chat data the reply to the first
+    validation example's prompt (greedy, as the answer to a question is judged)."""
     model, rt, args, loader = run.raw_model, run.rt, run.args, run.loader
     tokenizer = get_tokenizer()
-    if args.dataset_type == "alpaca":
-        example = loader.splits["val"][0]
-        prompt = loader.examples[example][: loader.n_prompt[example]].tolist()
-        temperature, shown = 0.0, tokenizer.decode(prompt)
+    if isinstance(loader, ExampleLoader):
+        prompt = loader.prompt(loader.splits["val"][0])
+        temperature, shown = 0.0, tokenizer.decode([t for t in prompt if t != EOT_TOKEN])
     else:
         prompt, temperature, shown = tokenizer.encode_ordinary("\n"), 0.8, ""
     generator = torch.Generator(device=rt.device).manual_seed(args.seed)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Instruction fine-tuning on Alpaca-style records (prompt masked out, loss on the response only).
+# Instruction fine-tuning on Alpaca records (loss on the responses only), or on chat conversations (loss on the
+# assistant's replies only).
 #
 #   ./train_alpaca.sh          # gpt2-micro from scratch on alpaca_sample.json: a few minutes on a CPU
+#   DATASET_PATH=chat_sample.json ./train_alpaca.sh              # the same on conversations (detected)
 #   INIT_FROM=gpt2 DATASET_PATH=data/alpaca_data.json MAX_STEPS=2000 ./train_alpaca.sh --device cuda   # fine-tuning
 #   NPROC_PER_NODE=8 INIT_FROM=gpt2-medium SEQ_LEN=512 ./train_alpaca.sh
 #
@@ -10,7 +12,8 @@ set -euo pipefail
 REPO="$(cd "$(dirname "$0")" && pwd)"  # train.py and the sample data live beside this script
 
 NPROC_PER_NODE="${NPROC_PER_NODE:-1}"          # processes (GPUs) on this machine; 1 runs plain python, more run torchrun
-DATASET_PATH="${DATASET_PATH:-$REPO/alpaca_sample.json}"  # a JSON list or JSONL file of {"instruction", "input", "output"} records
+DATASET_PATH="${DATASET_PATH:-$REPO/alpaca_sample.json}"  # a JSON list or JSONL file of Alpaca records or conversations
+DATASET_TYPE="${DATASET_TYPE:-}"               # alpaca or chat; empty: chat if the records have "messages" or "conversations"
 BATCH_SIZE="${BATCH_SIZE:-8}"                  # examples per micro-batch, per process
 SEQ_LEN="${SEQ_LEN:-256}"                      # longest example in tokens: longer responses are cut, longer prompts dropped
 MAX_STEPS="${MAX_STEPS:-150}"                  # optimizer steps (about 1.3 s each for the defaults on a 2-core CPU)
@@ -24,7 +27,16 @@ WEIGHT_DECAY="${WEIGHT_DECAY:-0.1}"            # weight decay
 OUT_DIR="${OUT_DIR:-out-alpaca}"               # where ckpt.pt and metrics.jsonl go
 MODEL="${MODEL:-}"                             # preset when training from scratch (empty: gpt2-micro); INIT_FROM sets the shape otherwise
 
-args=(--dataset_type alpaca --dataset_path "$DATASET_PATH" --batch_size "$BATCH_SIZE" --seq_len "$SEQ_LEN"
+if [[ -z "$DATASET_TYPE" ]]; then
+    # the first records' keys tell (inside a JSON string the quotes would be escaped, so a key is what matches)
+    if head -c 65536 "$DATASET_PATH" 2>/dev/null | grep -qE '"(messages|conversations)"[[:space:]]*:'; then
+        DATASET_TYPE=chat
+    else
+        DATASET_TYPE=alpaca  # (a missing file too: train.py says what is wrong with it)
+    fi
+fi
+
+args=(--dataset_type "$DATASET_TYPE" --dataset_path "$DATASET_PATH" --batch_size "$BATCH_SIZE" --seq_len "$SEQ_LEN"
       --max_steps "$MAX_STEPS" --weight_decay "$WEIGHT_DECAY" --out_dir "$OUT_DIR")
 if [[ -n "$INIT_FROM" ]]; then
     if [[ -n "$MODEL" ]]; then

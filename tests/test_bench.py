@@ -94,3 +94,10 @@ def test_memory_table_prints_every_gpt2_size_under_ddp_fsdp_and_checkpointing(ca
     assert [row.split(" | ")[0] for row in rows] == ["| gpt2", "| gpt2-medium", "| gpt2-large", "| gpt2-xl"]
     totals = [float(cell.split("**")[1]) for cell in rows[-1].split(" | ")[1:]]  # gpt2-xl: DDP, FSDP, FSDP + AC
     assert totals[0] > totals[1] > totals[2]
+
+
+def test_chat_benchmark_prefills_only_each_turn_s_new_tokens_with_the_kept_cache_and_gives_the_same_replies():
+    result = run_bench("--chat", "--turns", "3", "--reply_tokens", "4", "--seq_len", "128")
+    kept, again = result["kept_cache_fed"], result["prefill_all_fed"]
+    assert result["mode"] == "chat" and kept[0] == again[0] and max(kept[1:]) < kept[0] < again[1] < again[2]
+    assert len(result["kept_cache_prefill_ms"]) == 3 and result["same_replies"]

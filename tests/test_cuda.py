@@ -136,3 +136,34 @@ def test_running_out_of_gpu_memory_is_one_line_with_the_advice(tmp_path, capsys,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: out of GPU memory") and "lower --batch_size" in err
+
+
+def test_packed_rows_on_the_gpu_run_varlen_flash_attention_with_each_example_s_losses(monkeypatch):
+    import model as model_module
+
+    calls = []
+    varlen = model_module.VARLEN_ATTENTION
+    monkeypatch.setattr(model_module, "VARLEN_ATTENTION", lambda *a, **k: calls.append(1) or varlen(*a, **k))
+    torch.manual_seed(0)
+    model = GPT(preset_config("gpt2-nano", block_size=64)).cuda()
+    lengths = [20, 9, 35, 30, 40, 24]
+    examples = [torch.randint(0, 50257, (n,), device="cuda") for n in lengths]
+    rows = [[0, 1, 3], [2, 4], [5]]  # examples back to back, each row padded to 64 with its own segment
+    idx = torch.zeros(3, 64, dtype=torch.long, device="cuda")
+    positions = torch.zeros_like(idx)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            idx[r, start : start + lengths[i]], positions[r, start : start + lengths[i]] = examples[i], \
+                torch.arange(lengths[i])
+            start += lengths[i]
+        positions[r, start:] = torch.arange(64 - start)
+    with torch.autocast("cuda", torch.bfloat16):
+        _, packed = model(idx, idx, loss_reduction="none", positions=positions)
+        assert calls  # the variable-length kernel, not the mask
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                _, alone = model(examples[i][None], examples[i][None], loss_reduction="none")
+                torch.testing.assert_close(packed[r, start : start + lengths[i]], alone[0], atol=0.05, rtol=0.02)
+                start += lengths[i]

@@ -87,7 +87,8 @@ def test_validation_is_the_last_tenth_of_the_tokens(small_text):
 
 def test_targets_are_the_inputs_shifted_by_one_token(small_text):
     tokens = load_text_tokens(small_text).astype(np.int64)
-    x, y = TextLoader(small_text, seq_len=32, batch_size=4, accum_steps=1).get_batch("train", 0, 0)
+    x, y, positions = TextLoader(small_text, seq_len=32, batch_size=4, accum_steps=1).get_batch("train", 0, 0)
+    assert positions is None  # each row one window from position 0
     assert x.shape == y.shape == (4, 32) and x.dtype == torch.int64
     windows = np.lib.stride_tricks.sliding_window_view(tokens, 33)
     for row_x, row_y in zip(x.numpy(), y.numpy()):
@@ -163,7 +164,7 @@ def write_json(tmp_path, recs, name="data.json"):
     return str(path)
 
 
-def responses(x, y):
+def responses(x, y, positions=None):
     """Each row's supervised tokens, decoded: the response the row trains on."""
     return [get_tokenizer().decode(row_y[row_y != -100].tolist()) for row_y in y.numpy()]
 
@@ -196,7 +197,7 @@ def test_labels_ignore_prompt_and_padding_and_supervise_response_and_eot(tmp_pat
     path = write_json(tmp_path, recs)
     loader = AlpacaLoader(path, 256, batch_size=5, accum_steps=1)
     tokenizer = get_tokenizer()
-    x, y = loader.get_batch("train", 0, 0)
+    x, y, _ = loader.get_batch("train", 0, 0)
     assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape
     assert x.shape[1] == max(len(t) for t in loader.examples) - 1  # padded to the longest row, not to seq_len
     for row_x, row_y, i in zip(x.numpy(), y.numpy(), loader.global_batch("train", 0)):
@@ -324,7 +325,7 @@ GOOD = '{"instruction": "a", "output": "b"}'
         ("[]", "holds no list of records"),
         (f"[{GOOD}, 7]", "record 1 of .* is not an object"),
         (f'[{GOOD}, {GOOD}, {{"instruction": "c"}}]', 'record 2 of .* has no "output"'),
-        (f'{GOOD}\n{{"output": "c"}}', 'record 1 of .* has no "instruction"'),
+        (f'{GOOD}\n{{"output": "c"}}', 'line 2 of .* has no "instruction"'),
         ('[{"instruction": "a", "output": 5}]', 'record 0 of .*: "output" is 5, not a string'),
         (f'[{GOOD}, {{"instruction": "a", "input": null, "output": "b"}}]', 'record 1 of .*: "input" is null'),
         (f"[{GOOD}]", "1 usable example .* at least 2 are needed"),
@@ -363,7 +364,7 @@ def test_gsm8k_in_alpaca_format_loads_and_batches():
     n = len(loader.examples)
     assert loader.n_records == 7473 and n + loader.n_dropped == 7473
     assert len(loader.splits["val"]) == int(n * 0.05) and len(loader.splits["train"]) + len(loader.splits["val"]) == n
-    x, y = loader.get_batch("train", 0, 1)
+    x, y, _ = loader.get_batch("train", 0, 1)
     assert x.shape[0] == 8 and x.shape[1] <= 256 and (y != -100).sum() > 0
 
 
@@ -382,3 +383,160 @@ def test_an_alpaca_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": "Add 2 and 2.", "output": "4"}] * 40).encode())
     loader = AlpacaLoader(str(path), seq_len=64, batch_size=2, accum_steps=1)
     assert loader.n_records == 40
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat conversations, and packed batches.
+
+def conversations(n, exchanges=2, system=True):
+    """n conversations in OpenAI's format, each reply telling which conversation and exchange it is."""
+    out = []
+    for i in range(n):
+        messages = [{"role": "system", "content": f"You are assistant {i}."}] if system else []
+        for k in range(exchanges):
+            messages += [{"role": "user", "content": f"Question {k} of chat {i}: what is {i} + {k}?"},
+                         {"role": "assistant", "content": f"Chat {i}, answer {k}: {i + k}."}]
+        out.append({"messages": messages})
+    return out
+
+
+def as_sharegpt(record):
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in record["messages"]]}
+
+
+def replies(record):
+    return [m["content"] + "<|endoftext|>" for m in record["messages"] if m["role"] == "assistant"]
+
+
+def labelled_runs(x, y):
+    """The decoded runs of consecutive labels in each row: one per reply, as the loss sees them."""
+    runs = []
+    for row_y in y.numpy():
+        labelled = np.flatnonzero(row_y != -100)
+        for run in np.split(labelled, np.flatnonzero(np.diff(labelled) > 1) + 1):
+            if len(run):
+                runs.append(get_tokenizer().decode(row_y[run].tolist()))
+    return runs
+
+
+@pytest.mark.parametrize("exchanges", [1, 3])
+def test_chat_labels_are_exactly_the_assistant_replies_with_their_end_markers(tmp_path, exchanges):
+    recs = conversations(8, exchanges)
+    loader = data.ChatLoader(write_json(tmp_path, recs), 256, batch_size=4, accum_steps=1)
+    x, y, _ = loader.get_batch("train", 0, 0)
+    ids = loader.global_batch("train", 0)[:4]
+    # every reply, whole, ends at its <|endoftext|>; nothing of the system, user or template text is a label
+    assert labelled_runs(x, y) == [reply for i in ids for reply in replies(recs[i])]
+    assert loader.targets_in_step("train", 0) == int((y != -100).sum())
+
+
+def test_openai_and_sharegpt_conversations_give_the_same_tokens(tmp_path):
+    recs = conversations(6)
+    openai = data.ChatLoader(write_json(tmp_path, recs, "a.json"), 256, batch_size=2, accum_steps=1)
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text("\n".join(json.dumps(as_sharegpt(r)) for r in recs) + "\n", encoding="utf-8")
+    sharegpt = data.ChatLoader(str(jsonl), 256, batch_size=2, accum_steps=1)
+    for a, b, la, lb in zip(openai.examples, sharegpt.examples, openai.labelled, sharegpt.labelled, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+
+
+def test_the_tokens_before_a_reply_are_a_prefix_of_the_conversation_with_it():
+    # what sample.py --chat feeds the model before a reply is what the model was trained on up to that reply,
+    # whatever whitespace or punctuation the messages start and end with
+    messages = [{"role": "system", "content": " Be brief.\n"}, {"role": "user", "content": "\n\n  ¿Qué tal? 東京"},
+                {"role": "assistant", "content": "\n:) Bien, gracias.  "}, {"role": "user", "content": "::x "},
+                {"role": "assistant", "content": "   !!yes"}]
+    whole, labelled, _ = data.chat_tokens(messages)
+    for k in (2, 4):
+        prompt, prompt_labelled, _ = data.chat_tokens(messages[:k], add_generation_prompt=True)
+        assert whole[: len(prompt)] == prompt and prompt_labelled == labelled[: len(prompt)]
+        assert labelled[len(prompt)] and not labelled[len(prompt) - 1]  # the reply starts right after
+
+
+def test_a_conversation_too_long_is_cut_after_the_last_reply_that_fits(tmp_path):
+    recs = conversations(4, exchanges=4)
+    tokens, labelled, ends = data.chat_tokens(recs[0]["messages"])
+    seq_len = ends[1] + 5  # two exchanges and a bit of the third fit
+    loader = data.ChatLoader(write_json(tmp_path, recs), seq_len, batch_size=1, accum_steps=1)
+    assert loader.n_truncated == 4 and loader.n_dropped == 0
+    assert loader.examples[0].tolist() == tokens[: ends[1]]  # whole exchanges only
+    # when not even the first reply ends in time, it is cut within: the prompt is kept whole
+    first_reply = labelled.index(True)
+    loader = data.ChatLoader(write_json(tmp_path, recs), first_reply + 2, batch_size=1, accum_steps=1)
+    assert loader.examples[0].tolist() == tokens[: first_reply + 3] and loader.n_targets[0] == 3
+    with pytest.raises(DataError, match="prompts longer than --seq_len"):  # no reply starts in time: all dropped
+        data.ChatLoader(write_json(tmp_path, recs), first_reply - 1, batch_size=1, accum_steps=1)
+
+
+CHAT = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}'
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "is empty"),
+        (f'[{CHAT}, {{"messages": [{{"role": "robot", "content": "x"}}]}}]',
+         r'record 1 of \S+, messages\[0\] has "role" "robot": the roles are system, user, assistant'),
+        (f'{CHAT}\n\n{{"messages": [{{"role": "user", "content": "Hi"}}]}}',
+         "line 3 of .* has no assistant message"),
+        (f'[{CHAT}, {{"messages": [{{"role": "user", "content": ["a", "b"]}}]}}]',
+         r'record 1 of .*messages\[0\]: "content" is \["a", "b"\], not a string'),
+        (f'[{CHAT}, {{"conversations": [{{"from": "human", "value": null}}]}}]', '"value" is null, not a string'),
+        ('[{"messages": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, '
+         '{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]',
+         r"messages\[1\] is a system message after the first"),
+        ('[{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, '
+         '{"role": "assistant", "content": "d"}]}]', r"messages\[1\] is a system message after the first"),
+        ('[{"instruction": "a", "output": "b"}]', "holds alpaca records, not chat ones .*use --dataset_type alpaca"),
+        (f'[{CHAT}, {{"instruction": "a", "output": "b"}}]', "record 1 of .* is an Alpaca record.*alpaca"),
+        (f'[{CHAT}, {{"text": "a"}}]', 'record 1 of .* has no "messages" list'),
+        (f"[{CHAT}, 7]", "record 1 of .* is not an object"),
+    ],
+)
+def test_bad_chat_data_is_one_line_naming_the_record_and_the_fix(tmp_path, content, message):
+    path = tmp_path / "chat.json"
+    path.write_text(content, encoding="utf-8")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(DataError, match=message) as error:
+        data.ChatLoader(str(path), 64, batch_size=1, accum_steps=1)
+    assert "\n" not in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_chat_records_given_as_alpaca_or_text_name_the_dataset_type_they_need(tmp_path):
+    path = write_json(tmp_path, conversations(3))
+    with pytest.raises(DataError, match="holds chat records, not alpaca ones .*use --dataset_type chat"):
+        AlpacaLoader(path, 64, batch_size=1, accum_steps=1)
+    with pytest.raises(DataError, match="holds chat records .*use --dataset_type chat"):
+        TextLoader(path, 16, batch_size=1, accum_steps=1)
+
+
+@pytest.mark.parametrize("kind", ["alpaca", "chat"])
+def test_a_packed_batch_holds_the_same_examples_back_to_back_with_positions_restarting(tmp_path, kind):
+    recs = records(40) if kind == "alpaca" else conversations(40, exchanges=2)
+    for i, record in enumerate(recs):  # examples of many lengths, as in real data
+        if kind == "alpaca":
+            record["output"] = " ".join([record["output"]] * (1 + i % 7))
+        else:
+            record["messages"] = record["messages"][: 3 + 2 * (i % 2)]
+            record["messages"][-1]["content"] *= 1 + i % 7
+    path = write_json(tmp_path, recs)
+    padded = data.LOADERS[kind](path, 256, batch_size=8, accum_steps=2)
+    packed = data.LOADERS[kind](path, 256, batch_size=8, accum_steps=2, packing=True)
+    for step, micro_step in [(0, 0), (3, 1)]:
+        x, y, none = padded.get_batch("train", step, micro_step)
+        px, py, positions = packed.get_batch("train", step, micro_step)
+        assert none is None and positions.shape == px.shape == py.shape and px.shape[1] <= 256
+        assert px.numel() < x.numel() and px.shape[0] < x.shape[0]  # fewer rows, less padding
+        # cut the packed rows at the examples' starts: the padded batch's examples, each with its labels
+        found = []
+        for row_x, row_y, row_positions in zip(px.tolist(), py.tolist(), positions.tolist()):
+            starts = [j for j, p in enumerate(row_positions) if p == 0] + [len(row_x)]
+            found += [(row_x[a:b], row_y[a:b]) for a, b in zip(starts, starts[1:])]
+        for row_x, row_y in zip(x.tolist(), y.tolist()):
+            n = max(j for j, label in enumerate(row_y) if label != -100) + 1  # an example ends with a label
+            assert (row_x[:n], row_y[:n]) in found
+        assert len(found) - len(x) <= len(px)  # the examples, and at most a padding segment a row
+        assert int((py != -100).sum()) == int((y != -100).sum())

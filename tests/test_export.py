@@ -10,7 +10,7 @@ import export
 import hf
 from checkpoint import save_checkpoint
 from conftest import REPO
-from data import get_tokenizer
+from data import chat_tokens, get_tokenizer
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -151,3 +151,32 @@ def test_a_failed_write_is_one_line_and_leaves_the_old_export_and_no_partial_dir
         assert contents(tmp_path / "exports") == before  # the old export, whole, and nothing beside it
     else:
         assert os.listdir(tmp_path / "exports") == []
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"}],
+    [{"role": "system", "content": "You answer in one line.\n"},
+     {"role": "user", "content": "  What is 2 + 2?"}, {"role": "assistant", "content": "4."},
+     {"role": "user", "content": "And 3 + 3?\n\n"}, {"role": "assistant", "content": "\n6, of course :)"},
+     {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You're welcome!"}],
+    [{"role": "system", "content": "Réponds en français."}, {"role": "user", "content": "¿Qué tal? 東京は 🙂"},
+     {"role": "assistant", "content": "Très bien, merci — et toi ? ✓"}],
+]
+
+
+def test_the_exported_chat_template_gives_transformers_the_trainers_tokens(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "run")
+    export.main(["--init_from", str(tmp_path / "run"), "--out_dir", str(tmp_path / "hf")])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+
+    def ids(encoded):  # transformers 5 returns a BatchEncoding, 4 a list
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    # one exchange; a system message and three, with whitespace around the texts; non-ASCII text
+    for messages in CONVERSATIONS:
+        # the whole conversation, as data.ChatLoader trains on it
+        assert ids(tokenizer.apply_chat_template(messages, tokenize=True)) == chat_tokens(messages)[0]
+        # up to the last reply, with the header that asks for it: what sample.py --chat feeds the model
+        asked = ids(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True))
+        assert asked == chat_tokens(messages[:-1], add_generation_prompt=True)[0]
+        assert asked == chat_tokens(messages)[0][: len(asked)]

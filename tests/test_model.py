@@ -271,3 +271,54 @@ def test_a_bf16_training_step_keeps_no_float32_copy_of_the_logits():
     peak = peak_memory_bytes(step, Runtime("cpu", "cpu", torch.float32), resident=weights)
     weight_bytes = sum(p.numel() * p.element_size() for p in weights)
     assert (peak - weight_bytes) / (x.numel() * model.config.vocab_size) < 7.5
+
+
+def packed_rows(examples, width):
+    """The examples (lists of token ids) back to back in rows of `width` as data.ExampleLoader.pack lays them out,
+    in the order given, a new row when one is full: (idx, positions, where each example went as (row, start))."""
+    rows, places = [[]], []
+    for example in examples:
+        if len(rows[-1]) + len(example) > width:
+            rows.append([])
+        places.append((len(rows) - 1, len(rows[-1])))
+        rows[-1] += [(token, position) for position, token in enumerate(example)]
+    rows = [row + [(0, p) for p in range(width - len(row))] for row in rows]  # padding: a segment of its own
+    idx = torch.tensor([[t for t, _ in row] for row in rows])
+    return idx, torch.tensor([[p for _, p in row] for row in rows]), places
+
+
+def test_packed_rows_give_every_example_the_losses_and_gradients_it_has_alone():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=16))
+    examples = [torch.randint(0, 97, (n,)).tolist() for n in (9, 5, 16, 2, 7, 11)]
+    idx, positions, places = packed_rows(examples, 16)
+    targets = torch.full(idx.shape, -100)  # the padding learns nothing, as the loaders label it
+    for example, (row, start) in zip(examples, places):
+        targets[row, start : start + len(example)] = torch.randint(0, 97, (len(example),))
+    _, packed = model(idx, targets, loss_reduction="none", positions=positions)
+    packed.sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone_total = 0
+    for example, (row, start) in zip(examples, places):
+        end = start + len(example)
+        _, alone = model(torch.tensor([example]), targets[row : row + 1, start:end], loss_reduction="none")
+        torch.testing.assert_close(packed[row, start:end], alone[0], rtol=1e-5, atol=1e-5)
+        alone_total = alone_total + alone.sum()
+    alone_total.backward()  # the examples each in a row of its own: the same gradient
+    for packed_grad, p in zip(packed_grads, model.parameters()):
+        torch.testing.assert_close(packed_grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_never_crosses_from_one_packed_example_into_another():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=16)).eval()
+    examples = [torch.randint(0, 97, (n,)).tolist() for n in (6, 4, 5)]
+    idx, positions, _ = packed_rows(examples, 16)
+    logits = model(idx, idx, positions=positions)[0]
+    changed = idx.clone()
+    changed[0, 6:10] = (changed[0, 6:10] + 1) % 97  # the second example, all of it
+    changed_logits = model(changed, changed, positions=positions)[0]
+    torch.testing.assert_close(changed_logits[0, :6], logits[0, :6])  # the one before it: unchanged
+    torch.testing.assert_close(changed_logits[0, 10:15], logits[0, 10:15])  # the one after it too
+    assert not torch.allclose(changed_logits[0, 6:10], logits[0, 6:10])

@@ -424,7 +424,7 @@ def test_a_window_crossing_a_shard_boundary_holds_consecutive_tokens(counting):
     assert train[999] == 1999 and train[-1] == 3999 and len(train[2990:5000]) == 10
     seen = []
     for step in range(24):  # 192 rows: every one of the 187 windows at least once
-        x, y = loader.get_batch("train", step, 0)
+        x, y, _ = loader.get_batch("train", step, 0)
         assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (8, 16)
         torch.testing.assert_close(x, x[:, :1] + torch.arange(16))  # consecutive tokens, across boundaries too
         torch.testing.assert_close(y, x + 1)
@@ -520,7 +520,7 @@ def test_shards_written_by_prepare_load_into_shard_loader(tmp_path, corpus):
     tokens = expected_tokens(documents())
     np.testing.assert_array_equal(loader.splits["val"][:], tokens[:1500])
     np.testing.assert_array_equal(loader.splits["train"][:], tokens[1500:])
-    x, y = loader.get_batch("train", 0, 0)
+    x, y, _ = loader.get_batch("train", 0, 0)
     for row, w in zip(x.numpy(), loader.global_batch("train", 0)):
         np.testing.assert_array_equal(row, tokens[1500 + 32 * w : 1500 + 32 * w + 32])
 

@@ -9,7 +9,7 @@ import torch
 import sample
 from checkpoint import save_checkpoint
 from conftest import REPO
-from data import EOT_TOKEN, alpaca_prompt, get_tokenizer
+from data import EOT_TOKEN, alpaca_prompt, chat_tokens, get_tokenizer
 from model import GPT, GPTConfig
 
 
@@ -89,3 +89,188 @@ def test_instruction_is_wrapped_in_the_alpaca_template_and_only_the_response_pri
     expected = expected[: expected.index(EOT_TOKEN)] if EOT_TOKEN in expected else expected
     assert out == tokenizer.decode(expected) + "\n"
     assert "### Response:" not in out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --chat
+
+SYSTEM = "Be brief."
+
+
+def chat_model(block_size, eot_bias):
+    """A random nano model whose greedy replies vary: its matrices scaled up, so that its tokens depend on the context
+    (at GPT-2's initial scale it repeats its last token), and its output bias towards <|endoftext|>, so that some
+    replies end there and others are cut by --max_new_tokens (the tests check that both happen)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "wte" not in name:
+                p.mul_(5)
+        eot = model.transformer.wte.weight[EOT_TOKEN]
+        model.transformer.ln_f.bias += eot_bias * eot / eot.norm()
+    return model
+
+
+def run_chat(monkeypatch, capsys, model, lines, *flags):
+    """sample.py --chat on model, with lines through stdin as from a pipe: (stdout, stderr, and each of the model's
+    forward calls as (the tokens fed, the cache, its length before))."""
+    calls = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append((args[0][0].tolist(), kwargs["cache"], kwargs["cache"].length)),
+        with_kwargs=True)
+    monkeypatch.setattr(sample, "load_model", lambda _: model)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    try:
+        sample.main(["--device", "cpu", "--dtype", "float32", "--chat", "--temperature", "0", *flags])
+    finally:
+        hook.remove()
+    captured = capsys.readouterr()
+    return captured.out, captured.err, calls
+
+
+def greedy_reply(model, context, max_new_tokens):
+    """The reply to context (token ids) as generate gives it without any cache: up to <|endoftext|>."""
+    out = model.generate(torch.tensor([context]), max_new_tokens, temperature=0, stop_token=EOT_TOKEN,
+                         use_cache=False)[0, len(context):].tolist()
+    return out[: out.index(EOT_TOKEN)] if EOT_TOKEN in out else out
+
+
+def turn_contexts(calls):
+    """Each turn's whole context, from run_chat's forward calls: what the cache held before the turn's prefill (the
+    one call of more than one token), then the prefill."""
+    contexts, held = [], []
+    for tokens, _, length in calls:
+        held = held[:length] + tokens
+        if len(tokens) > 1:
+            contexts.append(held)
+    return contexts
+
+
+def test_a_turn_s_new_tokens_are_the_slice_of_the_whole_conversation_s_chat_tokens():
+    chat = sample.Chat(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8)), SYSTEM)
+    exchanges = [("  Hi!\n", " Hello there.  "), ("What's 2+2?\n\n", "4.\n"), ("naïve café 日本語 🤖", "¡Sí!")]
+    tokenizer = get_tokenizer()
+    for system in [[{"role": "system", "content": SYSTEM}], []]:
+        chat.system = system
+        messages = list(system)
+        for k, (user, reply) in enumerate(exchanges):
+            # the first turn brings the conversation's start and the system message along
+            before = chat_tokens(messages)[0] if k > 0 else []
+            messages.append({"role": "user", "content": user})
+            asked = chat_tokens(messages, add_generation_prompt=True)[0]
+            assert chat.turn_tokens(user, first=k == 0) == asked[len(before) :]
+            messages.append({"role": "assistant", "content": reply})
+        # the conversation kept (what the cache is filled again from) is chat_tokens' whole conversation
+        chat.exchanges = [(user, tokenizer.encode_ordinary(reply.strip()) + [EOT_TOKEN]) for user, reply in exchanges]
+        assert chat.kept_tokens() == chat_tokens(messages)[0]
+
+
+def test_chat_through_a_pipe_answers_each_line_keeping_one_cache_that_is_fed_each_token_once(monkeypatch, capsys):
+    model = chat_model(block_size=128, eot_bias=6)
+    lines = ["Hi!", "How are you?", "Bye.", "What is 2+2?"]
+    out, err, calls = run_chat(monkeypatch, capsys, model, ["", *lines[:2], "  ", *lines[2:]], "--system", SYSTEM,
+                               "--max_new_tokens", "8")
+    # what each turn gives when the whole conversation so far is fed anew, without a cache
+    conversation, replies = [], []
+    for k, line in enumerate(lines):
+        conversation += sample.Chat(model, SYSTEM).turn_tokens(line, first=k == 0)
+        replies.append(greedy_reply(model, conversation, 8))
+        conversation += replies[-1] + [EOT_TOKEN]
+    assert any(len(reply) == 8 for reply in replies) and any(len(reply) < 8 for reply in replies)  # cut and ended
+    tokenizer = get_tokenizer()
+    assert out == "".join(tokenizer.decode(reply) + "\n" for reply in replies) and err == ""  # blank lines skipped
+    # one cache all along, fed the conversation's tokens in order, each once: a turn prefills only its new tokens
+    # (the user's turn, after the last reply's final token, which generate_stream yields without feeding)
+    assert len({id(cache) for _, cache, _ in calls}) == 1
+    fed = [token for tokens, _, _ in calls for token in tokens]
+    assert fed == conversation[: len(fed)] and len(conversation) - 2 <= len(fed) < len(conversation)
+    prefills = [len(tokens) for tokens, _, _ in calls if len(tokens) > 1]
+    assert len(prefills) == len(lines) and max(prefills[1:]) < prefills[0]  # the first has the system message
+
+
+def test_a_full_context_drops_the_oldest_exchanges_keeps_the_system_message_says_so_and_answers_on(monkeypatch,
+                                                                                                     capsys):
+    model = chat_model(block_size=64, eot_bias=12)
+    lines = ["Hi!", "How are you?", "Bye.", "What is 2+2?", "Tell me more, please.", "Thanks!"]
+    out, err, calls = run_chat(monkeypatch, capsys, model, lines, "--system", SYSTEM, "--max_new_tokens", "12")
+    contexts = turn_contexts(calls)
+    assert len(contexts) == len(lines)
+    # the turns whose prefill starts a new cache, the first turn's aside: where the cache was filled again
+    rebuilt = [k for k, (tokens, _, length) in enumerate(c for c in calls if len(c[0]) > 1) if length == 0 and k > 0]
+    assert rebuilt and err.count("\n") == len(rebuilt)  # one line each time
+    assert all(line.startswith("note: the conversation outgrew the model's context (64 tokens): dropped the oldest")
+               for line in err.splitlines())
+    chat = sample.Chat(model, SYSTEM)
+    for k in rebuilt:
+        # the system message with the first exchange kept (a later one than the conversation's first), then this turn
+        kept = [j for j in range(1, k + 1) if contexts[k][: len(chat.turn_tokens(lines[j], first=True))]
+                == chat.turn_tokens(lines[j], first=True)]
+        turn = chat.turn_tokens(lines[k], first=kept == [k])
+        assert kept and contexts[k][-len(turn) :] == turn
+    replies = [greedy_reply(model, context, 12) for context in contexts]
+    assert any(len(reply) == 12 for reply in replies) and any(len(reply) < 12 for reply in replies)
+    assert out == "".join(get_tokenizer().decode(reply) + "\n" for reply in replies)
+
+
+def test_a_message_too_long_for_the_context_cuts_the_reply_or_without_room_is_one_error_and_an_empty_reply(
+        monkeypatch, capsys):
+    model = chat_model(block_size=64, eot_bias=12)
+    lines = ["Hi!", "go " * 60, "Bye.", "go " * 40]
+    out, err, calls = run_chat(monkeypatch, capsys, model, lines, "--system", SYSTEM, "--max_new_tokens", "12")
+    contexts = turn_contexts(calls)
+    assert len(contexts) == 3  # the second message is not answered
+    # the conversation goes on after the error as it was: the third turn continues the first's cache
+    prefills = [(cache, length) for tokens, cache, length in calls if len(tokens) > 1]
+    assert prefills[1][0] is prefills[0][0] and prefills[1][1] > len(contexts[0])
+    turn = sample.Chat(model, SYSTEM).turn_tokens(lines[2], first=False)
+    assert contexts[1][: len(contexts[0])] == contexts[0] and contexts[1][-len(turn) :] == turn
+    # the fourth needs the whole context: both exchanges dropped, the system message kept, the reply cut short
+    assert contexts[2] == sample.Chat(model, SYSTEM).turn_tokens(lines[3], first=True)
+    room = 64 - len(contexts[2])
+    assert 0 < room < 12
+    too_long = len(sample.Chat(model, SYSTEM).turn_tokens(lines[1], first=True))
+    assert err.splitlines() == [
+        f"error: this message takes {too_long} tokens in the chat template (system message included) of the model's "
+        f"context of 64: no room for a reply; not answered",
+        "note: the conversation outgrew the model's context (64 tokens): dropped the oldest 2 exchange(s), kept 0 "
+        "and the system message",
+        f"note: this message leaves room for a reply of {room} tokens in the model's context of 64"]
+    replies = [greedy_reply(model, context, n) for context, n in zip(contexts, [12, 12, room])]
+    tokenizer = get_tokenizer()
+    assert out.split("\n") == [tokenizer.decode(replies[0]), "", tokenizer.decode(replies[1]),
+                               tokenizer.decode(replies[2]), ""]
+
+
+def test_transformers_pipeline_given_chat_messages_answers_as_sample_chat_does(tmp_path, monkeypatch, capsys):
+    """One turn each: given a conversation with replies, the pipeline tokenizes their text again, which a random
+    model's tokens need not survive (sample.py keeps the tokens generated)."""
+    transformers = pytest.importorskip("transformers")
+    import export
+    model = chat_model(block_size=64, eot_bias=12)
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()),
+                    torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace())
+    export.main(["--init_from", str(tmp_path), "--out_dir", str(tmp_path / "hf")])
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
+    # replies that end at <|endoftext|> (this model's, within 12 tokens), and one cut by max_new_tokens
+    for system, line, max_new_tokens in [(SYSTEM, "Hi!", 12), (None, "How are you?", 4), (SYSTEM, "Bye.", 12)]:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": line}]
+        theirs = pipe(messages, do_sample=False, max_new_tokens=max_new_tokens)[0]["generated_text"][-1]
+        monkeypatch.setattr(sys, "stdin", io.StringIO(line + "\n"))
+        capsys.readouterr()
+        sample.main(["--init_from", str(tmp_path), "--device", "cpu", "--dtype", "float32", "--chat", "--temperature",
+                     "0", "--max_new_tokens", str(max_new_tokens), *(["--system", system] if system else [])])
+        assert theirs["role"] == "assistant" and capsys.readouterr().out == theirs["content"] + "\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--system", SYSTEM], "--system goes with --chat"),
+    (["--chat", "--prompt", "x"], "--chat excludes --prompt and --instruction"),
+    (["--chat", "--instruction", "Add."], "--chat excludes --prompt and --instruction"),
+    (["--chat", "--num_samples", "2"], "--num_samples is for prompts"),
+])
+def test_bad_chat_options_exit_2_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--init_from", "/nonexistent/run", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err

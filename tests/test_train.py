@@ -10,15 +10,16 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import hf
 import prepare
 import train
-from checkpoint import save_checkpoint
+from checkpoint import load_model, save_checkpoint
 from conftest import REPO
-from data import LOADERS, TextLoader
+from data import LOADERS, TextLoader, chat_pieces, chat_tokens, get_tokenizer
 from model import GPT, GPTConfig
 from parallel import build_training
 from measure import peak_memory_bytes
@@ -341,7 +342,7 @@ def test_init_from_starts_from_the_weights_with_their_shape_and_a_fresh_schedule
     assert ckpt["model_config"] == dataclasses.asdict(start.config) and ckpt["step"] == 3
     assert [r["step"] for r in records] == [1, 2, 3] and records[0]["lr"] == pytest.approx(3e-3 / 2)
     # step 1's loss is the loss of the starting weights on step 1's batch
-    x, y = TextLoader(small_text, 32, 4, 1).get_batch("train", 0, 0)
+    x, y, _ = TextLoader(small_text, 32, 4, 1).get_batch("train", 0, 0)
     with torch.no_grad():
         assert records[0]["loss"] == pytest.approx(start(x, y)[1].item(), rel=1e-5)
 
@@ -374,8 +375,18 @@ def test_init_from_defaults_to_a_fine_tuning_recipe_and_flags_given_win(small_te
     assert settings("fine_tuned_muon", "--init_from", str(tmp_path / "scratch"))[:4] == ("muon", 3e-5, 3e-5, 0)
 
 
+def test_from_scratch_a_seq_len_beyond_the_preset_s_context_extends_it(small_text, tmp_path):
+    run_train(small_text, tmp_path, "--max_steps", "1", "--seq_len", "80")  # gpt2-nano's context is 64
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model_config"]["block_size"] == 80
+
+
 def test_init_from_refuses_shape_flags_and_unknown_sources(small_text, tmp_path, capsys):
+    trained = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64))  # weights whose context is 64
+    save_checkpoint(str(tmp_path / "trained.pt"), trained, torch.optim.AdamW(trained.parameters()),
+                    torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace())
     for flags, message in [(["--init_from", str(tmp_path), "--model", "gpt2-nano"], "drop --model"),
+                           (["--init_from", str(tmp_path / "trained.pt"), "--seq_len", "65"],
+                            "--seq_len 65 is longer than the model's context (64)"),
                            (["--init_from", str(tmp_path)], "neither a ckpt.pt nor a Hugging Face config.json"),
                            (["--init_from", "no-such-model"], "no such file or directory")]:
         with pytest.raises(SystemExit):
@@ -421,6 +432,57 @@ def test_with_the_prompt_masked_a_fixed_response_is_learned_to_near_zero_loss(tm
     assert "### Response:\nThe answer is always forty two." in capsys.readouterr().out  # the end-of-run sample
 
 
+def write_chat(path, n, reply=lambda i: f"Reply {i} is {i * 7 % 13}.", seed=0):
+    """n conversations of two exchanges, in OpenAI's format; the user turns are random words."""
+    rng = np.random.default_rng(seed)
+    words = ["apple", "river", "stone", "cloud", "music", "paper", "light", "green", "quiet", "seven", "north",
+             "glass", "ember", "tiger", "salt", "wheel"]
+    def user():
+        return " ".join(rng.choice(words, 6))
+    records = [{"messages": [{"role": "system", "content": "Answer briefly."},
+                             {"role": "user", "content": user()}, {"role": "assistant", "content": reply(i)},
+                             {"role": "user", "content": user()}, {"role": "assistant", "content": reply(i + 1)}]}
+               for i in range(n)]
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["alpaca", "chat"])
+def test_packed_and_padded_runs_log_the_same_losses(tmp_path, kind):
+    # packing changes where the examples sit in the batch, and the time; never what a step computes
+    path = tmp_path / "data.json"
+    data = write_alpaca(path, 40) if kind == "alpaca" else write_chat(path, 40)
+    flags = ["--dataset_type", kind, "--seq_len", "64", "--max_steps", "3", "--batch_size", "8", "--eval_steps", "1"]
+    packed = run_train(data, tmp_path / "packed", *flags, "--packing")
+    padded = run_train(data, tmp_path / "padded", *flags, "--no-packing")
+    assert losses(packed) == pytest.approx(losses(padded), abs=1e-4)
+    assert [r["val_loss"] for r in packed if "val_loss" in r] == pytest.approx(
+        [r["val_loss"] for r in padded if "val_loss" in r], abs=1e-4)
+
+
+def test_a_chat_model_learns_its_fixed_replies_but_not_the_random_user_turns(tmp_path, capsys):
+    # the replies are always the same sentence, the user turns random words: only the replies can be learned, and
+    # only because the loss is on them alone can it fall to ~0
+    data = write_chat(tmp_path / "chat.json", 60, reply=lambda i: "I hear you, and I agree.")
+    records = run_train(data, tmp_path / "out", "--dataset_type", "chat", "--seq_len", "64", "--max_steps", "50",
+                        "--batch_size", "8", "--max_lr", "1e-2", "--min_lr", "1e-2", "--eval_interval", "50",
+                        "--sample_tokens", "12")
+    assert records[-1]["loss"] < 0.05 and records[-1]["val_loss"] < 0.05
+    assert "User:\n" in capsys.readouterr().out  # the end-of-run sample: a conversation's first reply
+    model = load_model(str(tmp_path / "out")).eval()
+    messages = json.load(open(data))[0]["messages"]
+    tokens, labelled, _ = chat_tokens(messages)
+    pieces = [text for text, _ in chat_pieces(messages)]  # start, header, system, header, user, header, reply, ...
+    second_user_turn = len(get_tokenizer().encode("".join(pieces[:8]), allowed_special="all"))  # where it starts
+    with torch.no_grad():
+        _, nats = model(torch.tensor([tokens[:-1]]), torch.tensor([tokens[1:]]), loss_reduction="none")
+    nats = nats[0]  # nats[j]: predicting token j + 1
+    reply = torch.tensor(labelled[1:])
+    user = torch.zeros_like(reply)
+    user[second_user_turn : second_user_turn + 6] = True  # its six words (the first predicted from the header)
+    assert nats[reply].mean() < 0.05 and nats[user].mean() > 1.0  # (random words: 2.8 nats at best)
+
+
 def write_checkpoint_of_other_shape(small_text, out_dir):
     run_train(small_text, out_dir, "--max_steps", "1", "--n_embd", "16")
 
@@ -430,7 +492,6 @@ BAD_INPUTS = {
     "empty dataset": (["--dataset_path", "{empty}"], "is empty"),
     "non-UTF-8 dataset": (["--dataset_path", "{latin1}"], "not UTF-8"),
     "text shorter than one batch": (["--dataset_path", "{short}"], "shorter than one sequence"),
-    "seq_len beyond the context": (["--seq_len", "65"], "longer than the model's context"),
     "batch arithmetic": (["--total_batch_size", "100"], "not a multiple"),
     "unknown preset": (["--model", "gpt5"], "unknown --model"),
     "n_embd not divisible by n_head": (["--n_embd", "30", "--n_head", "4"], "divisible"),
@@ -605,12 +666,14 @@ def write_hellaswag(path, n):
 @pytest.mark.parametrize("dataset_type, optimizer, extra", [
     ("text", "muon", []),
     pytest.param("alpaca", "muon", ["--activation_checkpointing"], marks=pytest.mark.slow),
+    pytest.param("chat", "adamw", [], marks=pytest.mark.slow),  # packed: each rank its own number of rows
     pytest.param("text", "adamw", [], marks=pytest.mark.slow)])
 def test_fsdp_on_two_processes_equals_one_process_with_double_accumulation(dataset_type, optimizer, extra, small_text,
                                                                            tmp_path):
     # 4 micro-batches of 2 sequences a step; 3 HellaSwag items, an uneven share (a sharded forward needs every rank).
     # Muon gathers each sharded matrix's update on the rank that orthogonalises it, and hands back the shards.
-    data = small_text if dataset_type == "text" else write_alpaca(tmp_path / "alpaca.json", 60)
+    data = {"text": lambda: small_text, "alpaca": lambda: write_alpaca(tmp_path / "alpaca.json", 60),
+            "chat": lambda: write_chat(tmp_path / "chat.json", 60)}[dataset_type]()
     seq_len = 32 if dataset_type == "text" else 64  # an Alpaca prompt alone is about 40 tokens
     flags = ["train.py", *TINY, "--dataset_type", dataset_type, "--dataset_path", data, "--max_steps", "6",
              "--seq_len", str(seq_len), "--batch_size", "2", "--total_batch_size", str(4 * 2 * seq_len),
@@ -767,6 +830,17 @@ def test_train_alpaca_sh_fine_tunes_with_train_py_s_recipe_and_trains_from_scrat
     assert "--init_from" in fine_tuning and not {"--max_lr", "--optimizer", "--warmup_steps"} & set(fine_tuning)
     given = flags(INIT_FROM="gpt2", MAX_LR="1e-5")
     assert given[given.index("--max_lr") + 1] == "1e-5"
+    # the dataset type follows the records: Alpaca's by default, chat for conversations of either format
+    assert scratch[scratch.index("--dataset_type") + 1] == "alpaca"
+    for name, records in [("openai.json", [{"messages": []}]), ("sharegpt.jsonl", {"conversations": []})]:
+        (tmp_path / name).write_text(json.dumps(records))
+        chat = flags(DATASET_PATH=str(tmp_path / name))
+        assert chat[chat.index("--dataset_type") + 1] == "chat"
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": 'say \"messages\": hi', "output": "hi"}]))
+    alpaca = flags(DATASET_PATH=str(tmp_path / "alpaca.json"))
+    assert alpaca[alpaca.index("--dataset_type") + 1] == "alpaca"
+    told = flags(DATASET_PATH=str(tmp_path / "alpaca.json"), DATASET_TYPE="chat")  # a type given wins
+    assert told[told.index("--dataset_type") + 1] == "chat"
 
 
 def test_resume_with_fsdp_in_one_process_is_one_line_and_no_notes(small_text, tmp_path, capsys):
