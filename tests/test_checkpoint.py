@@ -1,8 +1,7 @@
 import argparse
 import json
+import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ import torch
 import checkpoint
 import sample
 from checkpoint import MetricsLog, load_checkpoint, load_model, save_checkpoint
-from conftest import REPO
 from model import GPT, GPTConfig
 from cli import UserError
 from parallel import build_training
@@ -207,37 +205,38 @@ SCRIPT_DAMAGE = {  # how the checkpoint was damaged -> (the damage, what the one
 
 
 @pytest.mark.parametrize("damage", SCRIPT_DAMAGE)
-@pytest.mark.parametrize("script", [["sample.py", "--max_new_tokens", "2"], ["eval.py", "--dataset_path", "none"],
-                                    ["export.py"]])
-def test_every_script_refuses_a_damaged_checkpoint_in_one_line(script, damage, tmp_path):
+@pytest.mark.parametrize("script", [["sample", "--max_new_tokens", "2"], ["eval", "--dataset_path", "none"],
+                                    ["export"]])
+def test_every_script_refuses_a_damaged_checkpoint_in_one_line(script, damage, tmp_path, capsys):
     path = str(tmp_path / "ckpt.pt")
     write_damaged, message = SCRIPT_DAMAGE[damage]
     write_damaged(path)
-    extra = ["--out_dir", str(tmp_path / "hf")] if script[0] == "export.py" else []
-    result = subprocess.run([sys.executable, script[0], "--init_from", path, *script[1:], *extra], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+    extra = ["--out_dir", str(tmp_path / "hf")] if script[0] == "export" else []
+    with pytest.raises(SystemExit) as exit_info:  # (any other exception, a traceback, fails the test)
+        importlib.import_module(script[0]).main(["--init_from", path, *script[1:], *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert not os.path.exists(tmp_path / "hf")  # (export.py: nothing written)
 
 
-def test_resume_refuses_a_checkpoint_with_a_byte_flipped_and_leaves_it_as_it_was(small_text, tmp_path):
-    def train(*flags):
-        return subprocess.run([sys.executable, "train.py", "--out_dir", str(tmp_path), *flags], cwd=REPO,
-                              capture_output=True, text=True, timeout=240)
+def test_resume_refuses_a_checkpoint_with_a_byte_flipped_and_leaves_it_as_it_was(small_text, tmp_path, capsys):
+    import train
 
-    first = train("--dataset_path", small_text, "--model", "gpt2-nano", "--batch_size", "2", "--seq_len", "32",
-                  "--max_steps", "1", "--eval_steps", "1", "--sample_tokens", "0", "--device", "cpu", "--dtype",
-                  "float32", "--optimizer", "adamw")
-    assert first.returncode == 0, first.stderr
+    train.main(["--out_dir", str(tmp_path), "--dataset_path", small_text, "--model", "gpt2-nano", "--batch_size", "2",
+                "--seq_len", "32", "--max_steps", "1", "--eval_steps", "1", "--sample_tokens", "0", "--device", "cpu",
+                "--dtype", "float32", "--optimizer", "adamw"])
     path = str(tmp_path / "ckpt.pt")
     flip_a_byte_of_a_weight(path)
     damaged = open(path, "rb").read()
-    result = train("--resume", "--max_steps", "2")  # on the damaged weights, it would train and save over them
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and DAMAGED in result.stderr
-    assert path in result.stderr and open(path, "rb").read() == damaged
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # on the damaged weights, it would train and save over them
+        train.main(["--out_dir", str(tmp_path), "--resume", "--max_steps", "2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and DAMAGED in err
+    assert path in err and open(path, "rb").read() == damaged
 
 
-def test_a_checkpoint_of_weights_that_are_not_finite_is_refused_by_every_loader(tmp_path):
+def test_a_checkpoint_of_weights_that_are_not_finite_is_refused_by_every_loader(tmp_path, capsys):
     # what a diverged run saved with an earlier version: sample.py and eval.py would print NaN and exit 0
     model = small_model()
     with torch.no_grad():
@@ -249,7 +248,8 @@ def test_a_checkpoint_of_weights_that_are_not_finite_is_refused_by_every_loader(
                                         r"diverged run") as error:
         load_model(path)
     assert "\n" not in str(error.value)
-    for script in (["sample.py", "--init_from", path], ["eval.py", "--init_from", path, "--dataset_path", "none"]):
-        result = subprocess.run([sys.executable, *script, "--device", "cpu"], cwd=REPO, capture_output=True,
-                                text=True)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not finite" in result.stderr
+    for script in (["sample", "--init_from", path], ["eval", "--init_from", path, "--dataset_path", "none"]):
+        with pytest.raises(SystemExit) as exit_info:
+            importlib.import_module(script[0]).main([*script[1:], "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and "not finite" in err, err

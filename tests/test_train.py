@@ -19,7 +19,7 @@ import prepare
 import train
 from checkpoint import load_model, save_checkpoint
 from conftest import REPO
-from data import LOADERS, TextLoader, chat_pieces, chat_tokens, get_tokenizer
+from data import LOADERS, ExampleLoader, TextLoader, chat_pieces, chat_tokens, get_tokenizer
 from model import GPT, GPTConfig
 from parallel import build_training
 from measure import peak_memory_bytes
@@ -448,13 +448,19 @@ def write_chat(path, n, reply=lambda i: f"Reply {i} is {i * 7 % 13}.", seed=0):
 
 
 @pytest.mark.parametrize("kind", ["alpaca", "chat"])
-def test_packed_and_padded_runs_log_the_same_losses(tmp_path, kind):
+def test_packed_and_padded_runs_log_the_same_losses(tmp_path, kind, monkeypatch):
     # packing changes where the examples sit in the batch, and the time; never what a step computes
     path = tmp_path / "data.json"
     data = write_alpaca(path, 40) if kind == "alpaca" else write_chat(path, 40)
     flags = ["--dataset_type", kind, "--seq_len", "64", "--max_steps", "3", "--batch_size", "8", "--eval_steps", "1"]
+    packed_rows = []
+    pack = ExampleLoader.pack
+    monkeypatch.setattr(ExampleLoader, "pack", lambda self, ids: packed_rows.append(len(ids)) or pack(self, ids))
     packed = run_train(data, tmp_path / "packed", *flags, "--packing")
+    assert packed_rows
+    packed_rows.clear()
     padded = run_train(data, tmp_path / "padded", *flags, "--no-packing")
+    assert not packed_rows
     assert losses(packed) == pytest.approx(losses(padded), abs=1e-4)
     assert [r["val_loss"] for r in packed if "val_loss" in r] == pytest.approx(
         [r["val_loss"] for r in padded if "val_loss" in r], abs=1e-4)
@@ -508,6 +514,9 @@ BAD_INPUTS = {
     "alpaca given as text": (["--dataset_path", "{alpaca}"], "use --dataset_type alpaca"),
     "alpaca record without output": (["--dataset_type", "alpaca", "--dataset_path", "{no_output}"],
                                      'record 1 of'),
+    "chat without a reply": (["--dataset_type", "chat", "--dataset_path", "{no_reply}"],
+                             "has no assistant message"),
+    "alpaca given as chat": (["--dataset_type", "chat", "--dataset_path", "{alpaca}"], "use --dataset_type alpaca"),
     "fsdp without torchrun": (["--fsdp"], "launch it with torchrun"),
     # refused before anything is allocated: the kernel would otherwise kill the process without a word
     "a batch too big for memory": (["--batch_size", "100000"], "and the process's share of this machine's memory has"),
@@ -519,7 +528,9 @@ def test_bad_input_gets_one_line_and_leaves_out_dir_untouched(case, small_text, 
     flags, message = BAD_INPUTS[case]
     files = {"empty": b"", "latin1": "café crème".encode("latin-1"), "short": b"Too short to train on.",
              "alpaca": b'[{"instruction": "Add 2 and 2.", "output": "4"}]',
-             "no_output": b'[{"instruction": "Add 2 and 2.", "output": "4"}, {"instruction": "Add 3 and 3."}]'}
+             "no_output": b'[{"instruction": "Add 2 and 2.", "output": "4"}, {"instruction": "Add 3 and 3."}]',
+             "no_reply": b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi."}]}\n'
+                         b'{"messages": [{"role": "user", "content": "Hi"}]}\n'}
     for name, content in files.items():
         (tmp_path / f"{name}.txt").write_bytes(content)
     flags = [f.format(**{name: str(tmp_path / f"{name}.txt") for name in files}) for f in flags]
