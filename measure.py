@@ -156,8 +156,10 @@ def native_stderr_silenced():
 
 class Throughput:
     """Tokens/s, time per step and MFU (model FLOPs utilisation: flops_per_token * tokens/s over the peak of all
-    the ranks' devices) over the steps since the last reading, for train.py's log. The peak is measured once, at
-    the first reading, when the device is warm (as bench.py does), and the time that takes is not counted."""
+    the ranks' devices) over the steps since the last reading, for train.py's log. The peak is measured at the first
+    reading, when the device is warm (as bench.py does), and the time that takes is not counted. A peak measured
+    while something else used the machine (a shared CPU) is too low, and the steps once it is free would show an MFU
+    over 100%: then it is measured again, the higher kept."""
 
     def __init__(self, flops_per_token, rt, step):
         self.flops_per_token, self.rt, self.peak = flops_per_token, rt, None
@@ -174,8 +176,9 @@ class Throughput:
         seconds = time.perf_counter() - self.time
         self.seconds_per_step = seconds / (step - self.step)
         tokens_per_sec = self.tokens / seconds
-        if self.peak is None:
-            self.peak = peak_flops(self.rt)
+        flops = self.flops_per_token * tokens_per_sec / self.rt.world_size  # one device's
+        if self.peak is None or flops > self.peak:
+            self.peak = max(self.peak or 0.0, peak_flops(self.rt))
         self.restart(step)
-        mfu = self.flops_per_token * tokens_per_sec / (self.peak * self.rt.world_size)
+        mfu = flops / self.peak
         return {"tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4)}

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import measure
 from measure import gpu_peak_flops, peak_memory_bytes
 from runtime import Runtime
 
@@ -25,3 +26,16 @@ def test_peak_memory_counts_the_tensors_alive_at_the_worst_moment():
 
     peak = peak_memory_bytes(work, rt, resident=[kept, kept[:10]])  # a view shares its storage
     assert 20_000_000 <= peak < 20_000_100  # (and a few bytes of scalars)
+
+
+def test_a_peak_measured_on_a_busy_machine_is_measured_again_rather_than_report_an_mfu_over_100(monkeypatch):
+    peaks = iter([1e9, 4e9])  # busy at the first reading (another job on the CPU), free later
+    monkeypatch.setattr(measure, "peak_flops", lambda rt: next(peaks))
+    speed = measure.Throughput(flops_per_token=1e6, rt=Runtime("cpu", "cpu", torch.float32), step=0)
+    clock = iter([0.0, 1.0, 1.0, 2.0, 2.0])  # a second a step (the peak's measurement between them not counted)
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
+    speed.restart(0)
+    speed.count(500)  # 500 tokens/s: 0.5e9 FLOP/s
+    assert speed.read(1)["mfu"] == 0.5
+    speed.count(2000)  # 2e9 FLOP/s, twice the first peak: measured again
+    assert speed.read(2)["mfu"] == 0.5 and speed.peak == 4e9
