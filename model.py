@@ -122,8 +122,10 @@ class PackedRows:
         return self._mask
 
     def takes_varlen(self, q, dropout_p):
-        return VARLEN_ATTENTION is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
-            and dropout_p == 0.0
+        """Whether q's attention can run varlen's flash kernel: bf16/fp16 on an Ampere or later GPU (a T4 or V100
+        has no flash attention), without dropout (the kernel has none)."""
+        return (VARLEN_ATTENTION is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+                and dropout_p == 0.0 and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
     def varlen_attention(self, q, k, v):
         """(B, T, n_head, head_size) q, k, v -> the attention's output, in the same shape."""
@@ -301,6 +303,8 @@ class GPT(nn.Module):
         packed = None
         if positions is None:
             positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        elif cache is not None:
+            raise ValueError("positions are for packed batches, which generation with a KVCache does not take")
         else:
             packed = PackedRows(positions)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, n_embd)
