@@ -338,9 +338,9 @@ def read_alpaca_records(path):
 
 class ExampleLoader(Loader):
     """Fine-tuning on examples (Alpaca records, chat conversations): token sequences of which only some tokens are
-    learned, the others (prompts, the template's own text) being context. A subclass reads its file into
-    self.examples (uint16 token arrays), self.labelled (bool arrays: token j is a target) and self.turn_ends (where
-    each example may be cut, see fit).
+    learned, the others (prompts, the template's own text) being context. A subclass's read_examples(path) yields
+    each record's (tokens, labelled: whether token j is a target, turn_ends: where it may be cut, see fit), and its
+    summary() is the line train.py prints; the examples kept are self.examples (uint16) and self.labelled (bool).
 
     Like TextLoader's, batches are a function of (seed, split, step, micro_step, rank): the training order is
     Loader.epoch_order's, each epoch a permutation of the examples drawn from (seed, epoch). Validation is 5% of

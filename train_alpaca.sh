@@ -16,7 +16,7 @@ DATASET_PATH="${DATASET_PATH:-$REPO/alpaca_sample.json}"  # a JSON list or JSONL
 DATASET_TYPE="${DATASET_TYPE:-}"               # alpaca or chat; empty: chat if the records have "messages" or "conversations"
 BATCH_SIZE="${BATCH_SIZE:-8}"                  # examples per micro-batch, per process
 SEQ_LEN="${SEQ_LEN:-256}"                      # longest example in tokens: longer responses are cut, longer prompts dropped
-MAX_STEPS="${MAX_STEPS:-150}"                  # optimizer steps (about 1.3 s each for the defaults on a 2-core CPU)
+MAX_STEPS="${MAX_STEPS:-150}"                  # optimizer steps (about 0.35 s each for the defaults on a 2-core CPU)
 INIT_FROM="${INIT_FROM:-}"                     # weights to start from (ckpt.pt, out_dir, HF dir, gpt2...); empty: from scratch
 # From scratch, the three below default to AdamW at 1e-3 after 20 warmup steps; with INIT_FROM, to train.py's
 # fine-tuning recipe (AdamW at a constant 3e-5, no warmup: train.py --help), which keeps what the weights know.
