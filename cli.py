@@ -59,6 +59,13 @@ def add_device_flags(parser):
                         "on older GPUs")
 
 
+def first_line(error, limit=200):
+    """An exception's message cut to its first line (at most `limit` characters), or its type's name if it has none:
+    the reason inside a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 def print_error(error):
     """`error: ...` on stderr, from rank 0 only: under torchrun every rank fails alike, and one line is enough."""
     if os.environ.get("RANK", "0") == "0":

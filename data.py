@@ -407,14 +407,15 @@ class ExampleLoader(Loader):
         each example and gives its tokens the positions they would have alone (GPT.forward), so every example is
         computed as in its own row. A row's unused end is padding, as in collate, with positions of its own.
 
-        The rows are those of first-fit-decreasing at the width, seq_len or less (in steps of 16), that leaves the
-        least padding: on GSM8K's records at 16 a micro-batch, about 10% of the tokens instead of collate's 35%."""
+        The rows are those of first-fit-decreasing at the width (seq_len, or a multiple of 16 below it) that leaves
+        the least padding: on GSM8K's records at 16 a micro-batch, 5% of the tokens instead of collate's 38%
+        (README.md), for about a millisecond of packing."""
         lengths = {i: len(self.examples[i]) - 1 for i in ids}
-        shortest = -(-max(lengths.values()) // 16) * 16
-        widths = [w for w in range(shortest, self.seq_len, 16)] + [self.seq_len]
-        rows = min((first_fit_decreasing(ids, lengths, w) for w in widths),
-                   key=lambda rows: len(rows) * max(sum(lengths[i] for i in row) for row in rows))
-        width = max(sum(lengths[i] for i in row) for row in rows)
+        longest_first = sorted(ids, key=lambda i: -lengths[i])  # (stable: ties keep the batch's order)
+        shortest = -(-lengths[longest_first[0]] // 16) * 16
+        widths = [*range(shortest, self.seq_len, 16), self.seq_len]
+        rows, width = min((first_fit_decreasing(longest_first, lengths, w) for w in widths),
+                          key=lambda rows_fill: len(rows_fill[0]) * rows_fill[1])
         x = np.full((len(rows), width), EOT_TOKEN, dtype=np.int64)
         y = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
         positions = np.zeros((len(rows), width), dtype=np.int64)
@@ -442,18 +443,18 @@ class ExampleLoader(Loader):
         return self.examples[i][: int(np.argmax(self.labelled[i]))].tolist()
 
 
-def first_fit_decreasing(ids, lengths, width):
-    """ids put into rows of `width` tokens (lists of ids): longest first, each into the first row with room for it
-    (a stable sort: ties keep the batch's order)."""
+def first_fit_decreasing(longest_first, lengths, width):
+    """Ids (longest first) put into rows of `width` tokens, each into the first row with room for it: (the rows, as
+    lists of ids; the tokens in the fullest row)."""
     rows, room = [], []
-    for i in sorted(ids, key=lambda i: -lengths[i]):
+    for i in longest_first:
         row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
         if row is None:
             rows.append([]), room.append(width)
             row = len(rows) - 1
         rows[row].append(i)
         room[row] -= lengths[i]
-    return rows
+    return rows, width - min(room)
 
 
 def fit(labelled, turn_ends, seq_len):

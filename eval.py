@@ -83,6 +83,10 @@ def run_harness(model, rt, args):
             raise UserError("--tasks needs lm-evaluation-harness: pip install lm-eval")
         raise
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    if not names:
+        raise UserError(f"--tasks {args.tasks!r} names no task: give lm-eval task names, comma-separated")
+    if not os.path.isdir(args.tasks_path):
+        raise UserError(f"--tasks_path {args.tasks_path} is not a folder: give a folder of lm-eval task YAML files")
     out = harness.run_tasks(model, rt, names, args.seq_len, args.batch_size, args.limit, args.num_fewshot,
                             args.tasks_path)
     where = args.init_from if os.path.isdir(args.init_from) else os.path.dirname(args.init_from) \

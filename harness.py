@@ -23,7 +23,7 @@ from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
-from cli import UserError
+from cli import UserError, first_line
 from data import EOT_TOKEN, IGNORE_INDEX, get_tokenizer
 from evaluation import windows
 
@@ -100,8 +100,8 @@ def broken_task_file(include_path):
             with open(path, encoding="utf-8") as f:
                 yaml.load(f, AnyTags)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            reason = str(e).strip().splitlines()[0]
-            raise UserError(f"task file {path} does not parse ({reason}): fix it, or move it out of {include_path}")
+            raise UserError(f"task file {path} does not parse ({first_line(e)}): fix it, or move it out of "
+                            f"{include_path}")
 
 
 def run_tasks(model, rt, names, seq_len, batch_size, limit=None, num_fewshot=None, include_path=TASKS_DIR):
@@ -113,5 +113,9 @@ def run_tasks(model, rt, names, seq_len, batch_size, limit=None, num_fewshot=Non
         raise UserError(f"unknown lm-eval task {', '.join(unknown)}: `lm-eval ls tasks` lists the harness's (their "
                         f"data downloads when online); YAML files in {include_path} add offline ones, e.g. "
                         f"shakespeare_val")
-    return simple_evaluate(model=HarnessModel(model, rt, seq_len, batch_size), tasks=names, limit=limit,
-                           num_fewshot=num_fewshot, task_manager=manager, log_samples=False, bootstrap_iters=0)
+    try:
+        return simple_evaluate(model=HarnessModel(model, rt, seq_len, batch_size), tasks=names, limit=limit,
+                               num_fewshot=num_fewshot, task_manager=manager, log_samples=False, bootstrap_iters=0)
+    except ConnectionError as e:  # a harness task's data comes from the Hugging Face hub (datasets raises this)
+        raise UserError(f"--tasks {', '.join(names)}: cannot download the task's data ({first_line(e)}): run "
+                        f"online once (the datasets cache keeps it), or use the offline tasks of {include_path}")

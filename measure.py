@@ -159,10 +159,10 @@ class Throughput:
     the ranks' devices) over the steps since the last reading, for train.py's log. The peak is measured at the first
     reading, when the device is warm (as bench.py does), and the time that takes is not counted. A peak measured
     while something else used the machine (a shared CPU) is too low, and the steps once it is free would show an MFU
-    over 100%: then it is measured again, the higher kept."""
+    over 100%: then it is measured again, once, the higher kept."""
 
     def __init__(self, flops_per_token, rt, step):
-        self.flops_per_token, self.rt, self.peak = flops_per_token, rt, None
+        self.flops_per_token, self.rt, self.peak, self.measured_again = flops_per_token, rt, None, False
         self.seconds_per_step = 0.0
         self.restart(step)
 
@@ -177,7 +177,8 @@ class Throughput:
         self.seconds_per_step = seconds / (step - self.step)
         tokens_per_sec = self.tokens / seconds
         flops = self.flops_per_token * tokens_per_sec / self.rt.world_size  # one device's
-        if self.peak is None or flops > self.peak:
+        if self.peak is None or (flops > self.peak and not self.measured_again):
+            self.measured_again = self.peak is not None  # once: the matmul's peak may be below what a step reaches
             self.peak = max(self.peak or 0.0, peak_flops(self.rt))
         self.restart(step)
         mfu = flops / self.peak

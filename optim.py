@@ -4,7 +4,7 @@ update after a step's backward passes (unscale, clip, step, zero), with the Grad
 
     optimizer = build_optimizer(model, weight_decay=0.1, lr=4e-3, betas=(0.9, 0.99), optimizer="muon")
     ...backward passes...
-    grad_norm, applied = optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+    grad_norm, skipped = optimizer_step(model, optimizer, scaler, grad_clip=1.0)   # skipped: 1.0 if not applied
 """
 
 import math
@@ -117,29 +117,32 @@ class Muon(torch.optim.Optimizer):
         # found_inf (optim.optimizer_step's, as GradScaler's for fused AdamW): a device tensor, 1.0 when this step's
         # gradient is not finite. The update is then multiplied by 0, on the device: no wait for it on the host
         found_inf = getattr(self, "found_inf", None)
+        skip = None if found_inf is None else found_inf.bool()
         keep = 1.0 if found_inf is None else 1 - found_inf
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            blended = [self.momentum_blend(p, group, found_inf, keep) for p in params]  # this rank's rows, under FSDP
+            # the group's factors, computed once for all of its matrices (device tensors when found_inf is one)
+            blend, decay = (1 - group["momentum"]) * keep, 1 - group["lr"] * group["weight_decay"] * keep
+            blended = [self.momentum_blend(p, group, skip, blend) for p in params]  # this rank's rows, under FSDP
             for p, update in zip(params, self.orthogonalise(params, blended, group)):
                 weights = local(p)
-                weights.mul_(1 - group["lr"] * group["weight_decay"] * keep)
+                weights.mul_(decay)
                 step_size = -adjusted_lr(group["lr"], group["adjust_lr_fn"], p.shape)
                 if found_inf is None:
                     weights.add_(update, alpha=step_size)
                 else:
-                    weights.add_(update.to(weights.dtype) * (step_size * keep))
+                    weights.addcmul_(update.to(weights.dtype), keep, value=step_size)
 
-    def momentum_blend(self, p, group, found_inf, keep):
+    def momentum_blend(self, p, group, skip, blend):
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p.grad)  # sharded like the gradient under FSDP
         buffer, grad = local(state["momentum_buffer"]), local(p.grad)
-        if found_inf is not None:  # a skipped step's gradient (NaN, inf) must not reach the buffer, even times 0
-            grad = torch.where(found_inf.bool(), 0.0, grad)
-        buffer.lerp_(grad, (1 - group["momentum"]) * keep)
+        if skip is not None:  # a skipped step's gradient (NaN, inf) must not reach the buffer, even times 0
+            grad = torch.where(skip, 0.0, grad)
+        buffer.lerp_(grad, blend)
         return grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
 
     def newton_schulz(self, update, group):
@@ -160,11 +163,12 @@ class Muon(torch.optim.Optimizer):
             if not mine:
                 continue
             if owner == rank:
-                flat = torch.cat([results[i].flatten() for i in mine])
+                pieces = flat([results[i] for i in mine], self.ns_dtype, params[0].device)
             else:
-                flat = torch.empty(sum(params[i].numel() for i in mine), dtype=self.ns_dtype, device=params[0].device)
-            dist.broadcast(flat, src=owner)
-            for i, piece in zip(mine, flat.split([params[i].numel() for i in mine])):
+                pieces = torch.empty(sum(params[i].numel() for i in mine), dtype=self.ns_dtype,
+                                     device=params[0].device)
+            dist.broadcast(pieces, src=owner)
+            for i, piece in zip(mine, pieces.split([params[i].numel() for i in mine])):
                 results[i] = piece.view(params[i].shape)
         return results
 

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from cli import UserError
+from cli import UserError, first_line
 
 
 @dataclasses.dataclass
@@ -124,8 +124,8 @@ def join_job():
     try:
         dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
     except Exception as e:  # DistNetworkError, DistBackendError, RuntimeError: whatever the transport raises
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"process {os.environ['RANK']} could not connect to the job's other processes ({reason}); "
+        raise UserError(f"process {os.environ['RANK']} could not connect to the job's other processes "
+                        f"({first_line(e)}); "
                         f"on several nodes, set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to the network interface "
                         f"that joins them (README.md, several nodes)")
 

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from cli import UserError
+from cli import UserError, first_line
 from files import write_atomically
 
 WANDB_RUN_ID = "wandb_run_id"  # in out_dir: the W&B run that --resume continues
@@ -43,20 +43,21 @@ def trackers(args, resume_step):
 
 
 def warn(name, what, error):
-    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    print(f"warning: {name} {what} ({reason}); training goes on without it (metrics.jsonl has every record)",
+    print(f"warning: {name} {what} ({first_line(error)}); training goes on without it (metrics.jsonl has every record)",
           file=sys.stderr)
 
 
 class TensorBoard:
     """Scalars under their metrics.jsonl names, at their step. On --resume the events that the interrupted run
-    logged after its checkpoint are purged (SummaryWriter's purge_step), so the curves read as one run."""
+    logged after its checkpoint are purged (SummaryWriter's purge_step), so the curves read as one run; a new run
+    (--overwrite, or an out_dir whose run saved nothing) purges all of an earlier run's, as metrics.jsonl starts
+    anew."""
 
     def __init__(self, args, config, resume_step):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(os.path.join(args.out_dir, "tensorboard"),
-                                    purge_step=None if resume_step is None else resume_step + 1)
+                                    purge_step=0 if resume_step is None else resume_step + 1)
         self.writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "),
                              global_step=resume_step or 0)  # (indented: TensorBoard shows markdown)
 

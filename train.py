@@ -24,7 +24,7 @@ import torch
 
 from checkpoint import (CHECKPOINT, METRICS, MetricsLog, claim_out_dir, load_checkpoint, load_model, save_checkpoint,
                         trained_with)
-from cli import (OneLineParser, UserError, add_device_flags, fraction, non_negative_float, non_negative_int,
+from cli import (OneLineParser, UserError, add_device_flags, first_line, fraction, non_negative_float, non_negative_int,
                  positive_float, positive_int, print_error)
 from data import (EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, ExampleLoader, Loader, accumulation_steps,
                   get_tokenizer)
@@ -302,7 +302,7 @@ def main(argv=None):
     except StopRequested as stop:
         exit_code = 128 + stop.signum if stop.signum else 1
     except torch.OutOfMemoryError as e:  # a GPU's: a CPU's is the kernel's kill, which no process sees
-        print_error(f"out of GPU memory ({str(e).strip().splitlines()[0][:120]}): {MEMORY_ADVICE}")
+        print_error(f"out of GPU memory ({first_line(e, 120)}): {MEMORY_ADVICE}")
         exit_code = 2
     finally:
         shutdown()  # here, where the run's model and optimizer are gone
@@ -477,8 +477,9 @@ def train(run):
 def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args):
     """One optimizer update, number `step` (1-based): the forward and backward passes of its micro-steps, then
     clipping and the optimizer's step. Returns the learning rate, the loss (a device tensor: reading it waits for the
-    device), the gradient norm, the tokens fed (all ranks; padding included), and `skipped`: 1.0 if the update was
-    not applied, its gradient not finite (a device tensor too)."""
+    device), the gradient norm, the tokens fed (this rank's times the ranks: packed rows differ a little from rank
+    to rank; padding included), and `skipped`: 1.0 if the update was not applied, its gradient not finite (a device
+    tensor too)."""
     lr = get_lr(step, args)
     for group in optimizer.param_groups:
         # Muon's group runs at its own multiple of --max_lr (checkpoints from before --optimizer have no lr_scale)

@@ -79,7 +79,9 @@ def harness_docs(n):
 
 # slow: each reads the harness's whole task registry (pytest -m slow)
 @pytest.mark.parametrize("case", [pytest.param("unknown task", marks=pytest.mark.slow),
-                                  pytest.param("task file that does not parse", marks=pytest.mark.slow), "no lm-eval"])
+                                  pytest.param("task file that does not parse", marks=pytest.mark.slow),
+                                  pytest.param("no network for a task's data", marks=pytest.mark.slow),
+                                  "no lm-eval", "no task named", "tasks_path not a folder"])
 def test_bad_tasks_are_one_line(case, tmp_path, capsys, monkeypatch):
     tiny_checkpoint(tmp_path)
     flags = ["--init_from", str(tmp_path), "--dataset_path", "none", "--device", "cpu", "--tasks", "no_such_task"]
@@ -87,6 +89,15 @@ def test_bad_tasks_are_one_line(case, tmp_path, capsys, monkeypatch):
         (tmp_path / "tasks").mkdir()
         (tmp_path / "tasks" / "broken.yaml").write_text("task: broken\noutput_type: [unclosed\n")
         flags += ["--tasks_path", str(tmp_path / "tasks"), "--tasks", "broken"]
+    if case == "no task named":
+        flags += ["--tasks", " , "]
+    if case == "tasks_path not a folder":
+        flags += ["--tasks_path", str(tmp_path / "no_such_folder")]
+    if case == "no network for a task's data":
+        def offline(**kwargs):
+            raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)")
+        monkeypatch.setattr(harness, "simple_evaluate", offline)
+        flags += ["--tasks", "shakespeare_val"]
     if case == "no lm-eval":
         monkeypatch.delitem(sys.modules, "harness")  # imported afresh, without lm_eval to import
         monkeypatch.setitem(sys.modules, "lm_eval", None)
@@ -95,5 +106,8 @@ def test_bad_tasks_are_one_line(case, tmp_path, capsys, monkeypatch):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and len(err) == 1
     expected = {"unknown task": "unknown lm-eval task no_such_task", "no lm-eval": "pip install lm-eval",
-                "task file that does not parse": "broken.yaml does not parse"}[case]
+                "task file that does not parse": "broken.yaml does not parse",
+                "no task named": "names no task", "tasks_path not a folder": "no_such_folder is not a folder",
+                "no network for a task's data": "shakespeare_val: cannot download the task's data (Couldn't reach",
+                }[case]
     assert expected in err[0]

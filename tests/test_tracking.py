@@ -42,6 +42,10 @@ def test_tensorboard_holds_metrics_jsonl_s_records_once_each_across_a_resume(sma
     run_train(small_text, tmp_path / "run", *flags, "--resume", "--max_steps", "6")
     scalars = assert_tensorboard_holds_metrics_jsonl(tmp_path / "run")
     assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4, 5, 6]  # steps 4 and 5 once: the later run's
+    # a new run in the same out_dir (--overwrite) starts the curves afresh, as it does metrics.jsonl
+    run_train(small_text, tmp_path / "run", *flags, "--overwrite", "--max_steps", "2")
+    scalars = assert_tensorboard_holds_metrics_jsonl(tmp_path / "run")
+    assert [step for step, _ in scalars["loss"]] == [1, 2]
 
 
 def wandb_records(path):
