@@ -26,7 +26,9 @@ from parallel import training_state
 CHECKPOINT = "ckpt.pt"
 METRICS = "metrics.jsonl"
 LOCK = ".lock"  # held by the run writing to the out_dir (claim_out_dir)
-CHECKSUM = "crc32"  # the checkpoint's key for checksum(everything else); absent in checkpoints written before it
+# the checkpoint's key for {part: checksum(part)} (one int for the whole in the version that introduced it; absent
+# in checkpoints written before it)
+CHECKSUM = "crc32"
 
 
 def save_checkpoint(path, model, optimizer, scaler, step, args, write=True):
@@ -47,7 +49,9 @@ def save_checkpoint(path, model, optimizer, scaler, step, args, write=True):
         "step": step,
         "config": vars(args),
     }
-    state[CHECKSUM] = checksum(state)
+    # one checksum a part: a script that needs the weights alone (sample.py, export.py) verifies them alone, and
+    # does not read the optimizer state (twice the weights, under AdamW) from a memory-mapped file
+    state[CHECKSUM] = {part: checksum(value) for part, value in state.items()}
     write_atomically(path, lambda f: torch.save(state, f), size=tensor_bytes(state))
 
 
@@ -75,14 +79,22 @@ def checksum(state, crc=0):
     return crc
 
 
-def load_checkpoint(path, mmap=False, verify=True):
+def damaged(ckpt, saved, parts):
+    """Whether the checkpoint's tensors (of `parts`, or all) differ from the checksums saved with them: one a part,
+    or, from the version that introduced them, one int for the whole."""
+    if isinstance(saved, int):
+        return checksum(ckpt) != saved
+    return any(checksum(ckpt.get(part)) != crc for part, crc in saved.items() if parts is None or part in parts)
+
+
+def load_checkpoint(path, mmap=False, verify=True, parts=None):
     """A checkpoint's dict, from its path or its out_dir, its model config checked against its weights (see
     checked_model). Tensors only: a checkpoint cannot run code when loaded. mmap: map the file instead of reading
     it, so that only what is used is read, and the processes of a node share one copy in the page cache. verify:
     the tensors' checksum recomputed and compared with the one saved with them, so that a damaged file is refused
     in one line before anything trains on it or overwrites it (checkpoints from before the checksum load
-    unchecked); it reads every tensor, so a look at the config alone passes verify=False to stay cheap however big
-    the model."""
+    unchecked); it reads every tensor verified, so a look at the config alone passes verify=False to stay cheap
+    however big the model. parts: the parts verified (default: all), e.g. ("model",) for the weights alone."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     if not os.path.exists(path):
@@ -93,7 +105,8 @@ def load_checkpoint(path, mmap=False, verify=True):
             raise ValueError("keys missing")
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or not a checkpoint")
-    if verify and CHECKSUM in ckpt and checksum({k: v for k, v in ckpt.items() if k != CHECKSUM}) != ckpt[CHECKSUM]:
+    saved = ckpt.pop(CHECKSUM, None)
+    if verify and saved is not None and damaged(ckpt, saved, parts):
         raise UserError(f"checkpoint {path} is damaged: its tensors do not match the checksum written with them (a "
                         f"bad disk or an incomplete copy); use another copy or an earlier checkpoint")
     ckpt["model"], ckpt["model_config"] = checked_model(ckpt["model"], ckpt["model_config"], path)
@@ -163,7 +176,7 @@ def load_model(source, dropout=0.0):
     out_dir holding one), a Hugging Face GPT-2 directory (config.json + model.safetensors), or a hub name (gpt2,
     gpt2-medium, gpt2-large, gpt2-xl). Returns the GPT in float32 on the CPU."""
     if is_checkpoint(source):
-        ckpt = load_checkpoint(source, mmap=True)  # the weights are copied; the rest is read only to be verified
+        ckpt = load_checkpoint(source, mmap=True, parts=("model",))  # only the weights are read
         model = GPT(GPTConfig(**{**ckpt["model_config"], "dropout": dropout}))
         model.load_state_dict(ckpt["model"])
         return model

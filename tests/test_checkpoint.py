@@ -165,12 +165,48 @@ def test_a_checkpoint_with_a_byte_flipped_in_its_tensors_is_refused_in_one_line(
     assert load_checkpoint(path, verify=False)["step"] == 3  # a look at the config alone does not verify
 
 
+def write_checkpoint_after_a_step(path):
+    """A checkpoint whose optimizer has state (AdamW's moments): after one step."""
+    model = small_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    model(idx, idx)[1].backward()
+    optimizer.step()
+    save_checkpoint(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace())
+
+
+def test_a_checkpoint_with_the_previous_version_s_single_checksum_is_verified_whole(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    write_checkpoint_after_a_step(path)
+    state = torch.load(path, weights_only=True)
+    state.pop(checkpoint.CHECKSUM)
+    state[checkpoint.CHECKSUM] = checkpoint.checksum(state)  # as that version wrote it: one int over every tensor
+    torch.save(state, path)
+    assert load_model(path) is not None and load_checkpoint(path)["step"] == 1
+    flip_a_byte_of_a_weight(path)
+    with pytest.raises(UserError, match=DAMAGED):
+        load_model(path)
+
+
+def test_the_weights_alone_are_verified_where_they_alone_are_used_and_everything_on_resume(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    write_checkpoint_after_a_step(path)
+    state = torch.load(path, weights_only=True)
+    state["optimizer"]["state"][0]["exp_avg"].view(-1)[0] += 1  # damage in the optimizer state only
+    torch.save(state, path)
+    load_model(path)  # sample.py, export.py, eval.py: the weights are sound, and the rest is not read
+    with pytest.raises(UserError, match=DAMAGED):
+        load_checkpoint(path)  # --resume reads (and verifies) everything
+
+
 def test_a_saved_checkpoint_carries_the_checksum_of_its_tensors_and_loads_back_the_same(tmp_path):
     path = str(tmp_path / "ckpt.pt")
+    write_checkpoint_after_a_step(str(tmp_path / "stepped.pt"))
+    saved = torch.load(tmp_path / "stepped.pt", weights_only=True)
+    crcs = saved.pop(checkpoint.CHECKSUM)
+    assert crcs.keys() == saved.keys() and all(crc == checkpoint.checksum(saved[part]) for part, crc in crcs.items())
+    assert crcs["model"] != 0 and crcs["optimizer"] != 0
     model = write_checkpoint(path)
-    saved = torch.load(path, weights_only=True)
-    crc = saved.pop(checkpoint.CHECKSUM)
-    assert isinstance(crc, int) and crc == checkpoint.checksum(saved) != 0
     loaded = load_checkpoint(path, verify=True)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded["model"][name], tensor)
