@@ -184,6 +184,11 @@ def shutdown():
 
 
 
+# Set to bfloat16 or float32, this environment variable decides what --dtype auto picks on a CPU instead of the
+# measurement below: how the test suite (`pytest --auto-dtype ...`) runs as it would on a CPU of the other kind.
+FORCE_AUTO_DTYPE = "GPT2_TEST_AUTO_DTYPE"
+
+
 def cpu_bf16_is_faster():
     """Whether this CPU multiplies bf16 matrices clearly faster than fp32. CPUs with bf16 units (AMX, AVX512-BF16,
     Arm's BF16) run it several times faster; without them PyTorch emulates it, many times slower. Flags don't tell
@@ -203,6 +208,9 @@ def cpu_bf16_is_faster():
                 break
         return best
 
+    forced = os.environ.get(FORCE_AUTO_DTYPE)
+    if forced:  # the test suite's `--auto-dtype`: run on any CPU as on one of the other kind
+        return forced == "bfloat16"
     fp32 = seconds(a, float("inf"))
     return seconds(a.bfloat16(), 4 * fp32) * 1.5 < fp32
 

@@ -6,12 +6,19 @@ import runtime
 
 @pytest.mark.parametrize("bf16_faster, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_dtype_on_cpu_follows_the_measured_matmul_speed(monkeypatch, bf16_faster, expected):
+    monkeypatch.delenv(runtime.FORCE_AUTO_DTYPE, raising=False)  # (pytest --auto-dtype)
     assert isinstance(runtime.cpu_bf16_is_faster(), bool)  # the real measurement runs on any CPU
     monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: bf16_faster)
     rt = runtime.setup_runtime("cpu", "auto")
     assert rt.dtype == expected
     with rt.autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == expected  # matmuls run in the chosen dtype
+
+
+@pytest.mark.parametrize("forced", ["bfloat16", "float32"])
+def test_the_suite_can_force_what_auto_picks_on_a_cpu(monkeypatch, forced):
+    monkeypatch.setenv(runtime.FORCE_AUTO_DTYPE, forced)
+    assert runtime.setup_runtime("cpu", "auto").dtype == getattr(torch, forced)
 
 
 def test_a_grad_scaler_only_under_float16():
