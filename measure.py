@@ -9,20 +9,73 @@ tensors hold), and the tokens/s and MFU that train.py logs.
 """
 
 import contextlib
+import json
 import os
+import platform
 import sys
 import time
 
 import torch
 
+from files import WriteError, write_atomically
 
-def peak_flops(rt):
-    """The device's peak FLOP/s in the run's dtype: MFU's denominator."""
+
+def peak_flops(rt, measure_again=False):
+    """The device's peak FLOP/s in the run's dtype: MFU's denominator. A GPU's data sheet where it is known, else a
+    matmul's best, measured once per machine and kept in PEAK_FLOPS_CACHE: a figure measured anew in every run moved
+    2x from run to run on a shared machine (another job's load in the moment it was taken), and MFU with it.
+    measure_again: measure anyway, and keep the higher of the two (a cached peak that a run's own steps exceed was
+    taken while the machine was busy)."""
     if rt.device_type == "cuda" and rt.dtype != torch.float32:
         flops = gpu_peak_flops(torch.cuda.get_device_name(rt.device))
         if flops:
             return flops
-    return measured_matmul_flops(rt)
+    key = device_key(rt)
+    cache = read_peak_cache()
+    if key in cache and not measure_again:
+        return cache[key]
+    cache[key] = max(cache.get(key, 0.0), measured_matmul_flops(rt))
+    try:
+        os.makedirs(os.path.dirname(PEAK_FLOPS_CACHE), exist_ok=True)
+        write_atomically(PEAK_FLOPS_CACHE, lambda f: f.write(json.dumps(cache, indent=1).encode()))
+    except (OSError, WriteError):
+        pass  # a read-only home: measured in each run instead
+    return cache[key]
+
+
+# The measured peaks, by device_key: ~/.cache/gpt2-train/peak_flops.json (or under $XDG_CACHE_HOME). Delete it to
+# measure again, e.g. after moving a disk to another machine of the same name.
+PEAK_FLOPS_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2-train",
+                                "peak_flops.json")
+
+
+def device_key(rt):
+    """What a measured peak belongs to: the processor's name, the threads a process uses, the dtype, PyTorch."""
+    if rt.device_type == "cuda":
+        name = torch.cuda.get_device_name(rt.device)
+    else:
+        name = cpu_name()
+        if rt.device_type == "cpu":
+            name += f", {torch.get_num_threads()} threads"
+    return f"{rt.device_type}: {name}, {str(rt.dtype).removeprefix('torch.')}, torch {torch.__version__}"
+
+
+def cpu_name():
+    """The processor's model name (Linux's /proc/cpuinfo), else what the platform module says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def read_peak_cache():
+    try:
+        with open(PEAK_FLOPS_CACHE) as f:
+            cache = json.load(f)
+        return {k: v for k, v in cache.items() if isinstance(v, float) and v > 0}
+    except (OSError, ValueError, AttributeError, RecursionError):  # none yet, or damaged: measured anew
+        return {}
 
 
 # Dense bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets, by the words of the model's name as
@@ -41,21 +94,29 @@ def gpu_peak_flops(name):
 
 def measured_matmul_flops(rt):
     """FLOP/s of the largest square matmul that takes ~50 ms (up to 2048 on a CPU, 8192 on a GPU), in the run's
-    dtype: what the device really sustains, e.g. a CPU with bf16 units against one that emulates bf16."""
+    dtype: what the device really sustains, e.g. a CPU with bf16 units against one that emulates bf16. The best of
+    twenty products in four rounds a few milliseconds apart: the peak is what the device can do, not what it did in
+    one moment of a shared machine."""
     n, largest = 256, 2048 if rt.device_type == "cpu" else 8192
+
+    def seconds():
+        rt.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, a, out=out)
+        rt.synchronize()
+        return time.perf_counter() - t0
+
     while True:
         a = torch.randn(n, n, device=rt.device).to(rt.dtype)
         out = torch.mm(a, a)  # warm-up; then into the same output, so no allocation is timed
-        best = float("inf")
-        for _ in range(5):  # the best of five: the peak is what the device can do, not what it did once
-            rt.synchronize()
-            t0 = time.perf_counter()
-            torch.mm(a, a, out=out)
-            rt.synchronize()
-            best = min(best, time.perf_counter() - t0)
+        best = min(seconds() for _ in range(5))
         if best > 0.05 or n >= largest:
-            return 2 * n**3 / best
+            break
         n *= 2
+    for _ in range(3):
+        time.sleep(0.01)
+        best = min(best, *(seconds() for _ in range(5)))
+    return 2 * n**3 / best
 
 
 def memory_estimate(cfg, tokens, shards, activation_checkpointing, accumulating=False, low_precision=True):
@@ -157,9 +218,9 @@ def native_stderr_silenced():
 class Throughput:
     """Tokens/s, time per step and MFU (model FLOPs utilisation: flops_per_token * tokens/s over the peak of all
     the ranks' devices) over the steps since the last reading, for train.py's log. The peak is measured at the first
-    reading, when the device is warm (as bench.py does), and the time that takes is not counted. A peak measured
-    while something else used the machine (a shared CPU) is too low, and the steps once it is free would show an MFU
-    over 100%: then it is measured again, once, the higher kept."""
+    reading, when the device is warm (as bench.py does), or read from the cache (peak_flops), and the time that takes
+    is not counted. A peak measured while something else used the machine (a shared CPU) is too low, and the steps
+    once it is free would show an MFU over 100%: then it is measured again, once, the higher kept."""
 
     def __init__(self, flops_per_token, rt, step):
         self.flops_per_token, self.rt, self.peak, self.measured_again = flops_per_token, rt, None, False
@@ -177,9 +238,11 @@ class Throughput:
         self.seconds_per_step = seconds / (step - self.step)
         tokens_per_sec = self.tokens / seconds
         flops = self.flops_per_token * tokens_per_sec / self.rt.world_size  # one device's
-        if self.peak is None or (flops > self.peak and not self.measured_again):
-            self.measured_again = self.peak is not None  # once: the matmul's peak may be below what a step reaches
-            self.peak = max(self.peak or 0.0, peak_flops(self.rt))
+        if self.peak is None:
+            self.peak = peak_flops(self.rt)
+        elif flops > self.peak and not self.measured_again:
+            self.measured_again = True  # once: the matmul's peak may be below what a step reaches
+            self.peak = max(self.peak, peak_flops(self.rt, measure_again=True))
         self.restart(step)
         mfu = flops / self.peak
         return {"tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4)}

@@ -30,7 +30,7 @@ def test_peak_memory_counts_the_tensors_alive_at_the_worst_moment():
 
 def test_a_peak_measured_on_a_busy_machine_is_measured_again_rather_than_report_an_mfu_over_100(monkeypatch):
     peaks = iter([1e9, 4e9])  # busy at the first reading (another job on the CPU), free later
-    monkeypatch.setattr(measure, "peak_flops", lambda rt: next(peaks))
+    monkeypatch.setattr(measure, "peak_flops", lambda rt, measure_again=False: next(peaks))
     speed = measure.Throughput(flops_per_token=1e6, rt=Runtime("cpu", "cpu", torch.float32), step=0)
     clock = iter([0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0])  # a second a step (the peak's measurements not counted)
     monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
@@ -42,3 +42,22 @@ def test_a_peak_measured_on_a_busy_machine_is_measured_again_rather_than_report_
     # once only: where a step beats the matmul's peak, measuring it at every log (a second each) would not help
     speed.count(8000)
     assert speed.read(3)["mfu"] == 2.0
+
+
+def test_a_measured_peak_is_kept_per_machine_and_dtype_so_mfu_does_not_move_from_run_to_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(measure, "PEAK_FLOPS_CACHE", str(tmp_path / "cache" / "peak_flops.json"))
+    measured = iter([1e12, 3e12, 2e12, 5e12])  # a shared machine's readings: they move from one moment to the next
+    monkeypatch.setattr(measure, "measured_matmul_flops", lambda rt: next(measured))
+    fp32, bf16 = Runtime("cpu", "cpu", torch.float32), Runtime("cpu", "cpu", torch.bfloat16)
+    assert measure.peak_flops(fp32) == 1e12
+    assert measure.peak_flops(fp32) == 1e12  # the next run: read back, not measured
+    assert measure.peak_flops(bf16) == 3e12  # another dtype, another peak
+    assert measure.peak_flops(fp32, measure_again=True) == 2e12  # measured again: the higher kept
+    assert measure.peak_flops(fp32) == 2e12
+    (tmp_path / "cache" / "peak_flops.json").write_text("{not json")  # damaged: measured anew
+    assert measure.peak_flops(fp32) == 5e12
+
+
+def test_the_matmul_peak_is_a_real_measurement():
+    flops = measure.measured_matmul_flops(Runtime("cpu", "cpu", torch.float32))
+    assert 1e9 < flops < 1e14  # a CPU's fp32: between a GFLOP/s and 100 TFLOP/s
