@@ -45,18 +45,26 @@ class HarnessModel(LM):
         return nats.float(), logits
 
     def loglikelihood(self, requests):
-        results = []
-        for request in requests:
-            context, continuation = request.args
-            tokens = self.tokenizer.encode_ordinary(context) or [EOT_TOKEN]
-            target = self.tokenizer.encode_ordinary(continuation)
-            ids = (tokens + target)[-(self.model.config.block_size + 1):]  # the most recent context that fits
-            x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
-            y[:, : len(ids) - 1 - len(target)] = IGNORE_INDEX  # only the continuation counts
+        return [self.continuation_loglikelihood(*request.args) for request in requests]
+
+    def continuation_loglikelihood(self, context, continuation):
+        """(log p(continuation | context), whether greedy decoding gives it). Every token of the continuation counts,
+        however long: windows of the model's context, from the end backwards, each predicting the targets the later
+        ones did not, each token from up to block_size tokens before it. An empty continuation: log 1, and greedy."""
+        target = self.tokenizer.encode_ordinary(continuation)
+        tokens = (self.tokenizer.encode_ordinary(context) or [EOT_TOKEN]) + target
+        start, end, n = len(tokens) - len(target), len(tokens), self.model.config.block_size
+        total, greedy = 0.0, True
+        while end > start:
+            begin = max(0, end - n - 1)  # the window tokens[begin:end] predicts tokens[begin + 1:end]
+            first = max(start, begin + 1)  # the first of them that is a target
+            x, y = torch.tensor([tokens[begin : end - 1]]), torch.tensor([tokens[begin + 1 : end]])
+            y[:, : first - begin - 1] = IGNORE_INDEX  # only the continuation counts
             nats, logits = self.nats(x, y)
-            greedy = logits[0, -len(target):].argmax(-1).cpu().tolist() == target
-            results.append((-nats.sum().item(), greedy))
-        return results
+            total -= nats.sum().item()
+            greedy &= logits[0, first - begin - 1 :].argmax(-1).cpu().tolist() == tokens[first:end]
+            end = first
+        return total, greedy
 
     def loglikelihood_rolling(self, requests):
         results = []
@@ -71,7 +79,8 @@ class HarnessModel(LM):
         results = []
         for request in requests:
             context, settings = request.args
-            until = [u for u in settings.get("until", []) if u]
+            until = settings.get("until") or []
+            until = [u for u in ([until] if isinstance(until, str) else until) if u]  # (lm-eval allows one string)
             prompt = self.tokenizer.encode_ordinary(context) or [EOT_TOKEN]
             prompt = prompt[-self.model.config.block_size:]
             with self.rt.autocast():

@@ -53,6 +53,34 @@ def test_a_continuation_s_loglikelihood_and_greedy_flag_are_the_model_s(tmp_path
     assert greedy == (logits[0, -n:].argmax(-1).tolist() == ids[-n:])
 
 
+def test_a_continuation_longer_than_the_context_counts_every_one_of_its_tokens(tmp_path):
+    model, rt = tiny_checkpoint(tmp_path), Runtime("cpu", "cpu", torch.float32)  # a context of 64 tokens
+    lm = harness.HarnessModel(model, rt, seq_len=64, batch_size=4)
+    tokenizer = get_tokenizer()
+    text = tokenizer.decode(tokenizer.encode_ordinary(TEXT)[:128])
+    assert len(tokenizer.encode_ordinary(text)) == 128  # (the text of 128 tokens is those 128 tokens again)
+    [(loglikelihood, _)] = lm.loglikelihood([SimpleNamespace(args=("", text))])
+    # after an empty context (<|endoftext|>), 128 tokens: two whole windows, as the rolling loglikelihood takes them
+    [rolling] = lm.loglikelihood_rolling([SimpleNamespace(args=(text,))])
+    assert loglikelihood == pytest.approx(rolling, abs=1e-3)
+
+
+def test_an_empty_continuation_has_loglikelihood_zero_and_is_greedy(tmp_path):
+    model, rt = tiny_checkpoint(tmp_path), Runtime("cpu", "cpu", torch.float32)
+    lm = harness.HarnessModel(model, rt, seq_len=64, batch_size=4)
+    assert lm.loglikelihood([SimpleNamespace(args=("A", "")), SimpleNamespace(args=("", ""))]) == [(0.0, True)] * 2
+
+
+def test_generation_stops_at_a_stop_string_given_alone_as_at_the_same_in_a_list(tmp_path):
+    model, rt = tiny_checkpoint(tmp_path), Runtime("cpu", "cpu", torch.float32)
+    lm = harness.HarnessModel(model, rt, seq_len=64, batch_size=4)
+    [text] = lm.generate_until([SimpleNamespace(args=("ROMEO:", {"max_gen_toks": 40}))])
+    stop = text[0] + "\u2603"  # not in the text, but its first character is: read as characters, it cuts the text
+    given_alone, in_a_list = lm.generate_until([SimpleNamespace(args=("ROMEO:", {"max_gen_toks": 40, "until": u}))
+                                                for u in (stop, [stop])])
+    assert given_alone == in_a_list == text != ""
+
+
 def test_the_shipped_offline_task_runs_and_its_bits_per_byte_are_the_model_s(tmp_path, capsys):
     model = tiny_checkpoint(tmp_path)
     eval_script.main(["--init_from", str(tmp_path), "--dataset_path", "none", "--tasks", "shakespeare_val", "--limit",
