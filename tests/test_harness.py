@@ -81,11 +81,13 @@ def test_generation_stops_at_a_stop_string_given_alone_as_at_the_same_in_a_list(
     assert given_alone == in_a_list == text != ""
 
 
-def test_the_shipped_offline_task_runs_and_its_bits_per_byte_are_the_model_s(tmp_path, capsys):
+def test_the_shipped_offline_task_runs_and_its_bits_per_byte_are_the_model_s(tmp_path, capsys, caplog):
     model = tiny_checkpoint(tmp_path)
+    caplog.set_level("WARNING")
     eval_script.main(["--init_from", str(tmp_path), "--dataset_path", "none", "--tasks", "shakespeare_val", "--limit",
                       "3", "--device", "cpu", "--dtype", "float32"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not [r for r in caplog.records if "aggregation" in r.getMessage()]  # the task file states each metric's
     saved = json.loads((tmp_path / "lm_eval.json").read_text())  # beside the checkpoint
     assert saved["shakespeare_val"]["bits_per_byte,none"] == pytest.approx(result["shakespeare_val_bits_per_byte"])
     # the same figure from the harness's own windows over the task's first 3 documents
