@@ -198,6 +198,14 @@ def trained_with(source):
     return load_checkpoint(source, mmap=True, verify=False)["config"].get("optimizer", "adamw")
 
 
+def trained_on(source):
+    """The --dataset_type the weights at source were last trained on: a checkpoint's ("text", "alpaca", "chat",
+    "shards"), "text" for OpenAI's GPT-2 by its hub name (web text), else None (unknown: a Hugging Face directory)."""
+    if is_checkpoint(source):
+        return load_checkpoint(source, mmap=True, verify=False)["config"].get("dataset_type")
+    return "text" if source in hf.HUB_NAMES else None
+
+
 def claim_out_dir(out_dir):
     """--out_dir for this run alone: created if needed, locked for as long as this process lives, and checked to be
     writable before the first step (a run that could not save would lose its training at the first checkpoint).

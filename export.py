@@ -8,8 +8,10 @@ Export a model to the Hugging Face format, for transformers, lm-evaluation-harne
 
 The directory gets config.json and model.safetensors (hf.save_pretrained), and GPT-2's tokenizer as vocab.json
 and merges.txt (hf.save_tokenizer), written from the repo's own tokenizer file, so it loads with AutoTokenizer too;
-its tokenizer_config.json carries the chat template train.py's chat data is rendered in (data.chat_template), so
-tokenizer.apply_chat_template(messages) gives the tokens a chat-tuned model was trained on.
+for a model fine-tuned on chat data (a checkpoint of --dataset_type chat, or a Hugging Face directory that has one),
+its tokenizer_config.json carries the chat template that data was rendered in (data.chat_template), so
+tokenizer.apply_chat_template(messages) gives the tokens the model was trained on; other models get none, and
+transformers refuses chat messages for them rather than render a template they never saw.
 
 A directory that already holds files is refused: Hugging Face loaders would read some stale ones (tokenizer.json,
 pytorch_model.bin, another model's shards) instead of the export's. --overwrite replaces it whole, old files gone.
@@ -18,13 +20,14 @@ The export is written into a temporary directory beside --out_dir and renamed in
 """
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import tempfile
 
 import hf
-from checkpoint import load_model
+from checkpoint import load_model, trained_on
 from cli import OneLineParser, UserError, print_error
 
 
@@ -42,10 +45,11 @@ def main(argv=None):
         out_dir = os.path.realpath(args.out_dir)  # through a symlink: the link then points at the new export
         check_out_dir(out_dir, args)  # before loading: a refusal should not wait for gpt2-xl to load
         model = load_model(args.init_from)
+        chat = has_chat_template(args.init_from)
 
         def write(directory):
             hf.save_pretrained(model, directory)
-            hf.save_tokenizer(directory, model.config.block_size)
+            hf.save_tokenizer(directory, model.config.block_size, chat=chat)
         write_whole(out_dir, write)
     except (UserError, ValueError) as e:
         print_error(e)
@@ -55,6 +59,19 @@ def main(argv=None):
         sys.exit(2)
     print(f"wrote {args.out_dir}: {model.num_params() / 1e6:.2f}M parameters, loads with "
           f"transformers.GPT2LMHeadModel.from_pretrained({args.out_dir!r})")
+
+
+def has_chat_template(source):
+    """Whether the weights at source were fine-tuned on conversations: a checkpoint of --dataset_type chat, or a
+    Hugging Face directory whose tokenizer_config.json has a chat_template."""
+    trained = trained_on(source)
+    if trained is not None:
+        return trained == "chat"
+    try:
+        with open(os.path.join(source, "tokenizer_config.json"), encoding="utf-8") as f:
+            return "chat_template" in json.load(f)
+    except (OSError, ValueError, TypeError, RecursionError):
+        return False
 
 
 def check_out_dir(out_dir, args):

@@ -178,9 +178,9 @@ def bytes_to_unicode():
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
 
 
-def save_tokenizer(directory, model_max_length):
-    """vocab.json, merges.txt and tokenizer_config.json (with the chat template) for transformers' GPT2Tokenizer,
-    from tiktoken's ranks. A token's rank is its merge's priority, so its merge is the last step of BPE run on its own
+def save_tokenizer(directory, model_max_length, chat=False):
+    """vocab.json, merges.txt and tokenizer_config.json (with the chat template if chat) for transformers'
+    GPT2Tokenizer, from tiktoken's ranks. A token's rank is its merge's priority, so its merge is the last step of BPE run on its own
     bytes with the lower-ranked merges only."""
     ranks = get_tokenizer()._mergeable_ranks
     byte_char = bytes_to_unicode()
@@ -208,7 +208,8 @@ def save_tokenizer(directory, model_max_length):
         "tokenizer_config.json": json.dumps({
             "tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
             "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-            "chat_template": chat_template()}, indent=2),  # the chat template train.py's chat data is rendered in
+            # the template train.py's chat data is rendered in: only for a model fine-tuned on it
+            **({"chat_template": chat_template()} if chat else {})}, indent=2),
     }
     for name, content in files.items():
         with open(os.path.join(directory, name + ".tmp"), "w", encoding="utf-8") as f:

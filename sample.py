@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, trained_on
 from data import EOT_TOKEN, alpaca_prompt, chat_tokens, get_tokenizer
 from model import GPT, KVCache
 from cli import (OneLineParser, UserError, add_device_flags, non_negative_float, non_negative_int, positive_int,
@@ -60,7 +60,7 @@ def build_parser():
 
 def read_prompt(prompt):
     if prompt == "-":
-        return sys.stdin.read()
+        return utf8(sys.stdin.read, "stdin")
     if prompt.startswith("FILE:"):
         path = prompt.removeprefix("FILE:")
         try:
@@ -69,6 +69,18 @@ def read_prompt(prompt):
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}")
     return prompt
+
+
+def utf8(read, where):
+    """read()'s text, or a UserError if it is not UTF-8: under a strict UTF-8 locale a bad byte raises as it is
+    read, under the C locale it arrives as a lone surrogate (surrogateescape) that the tokenizer would choke on."""
+    try:
+        text = read()
+        text.encode("utf-8")
+        return text
+    except (UnicodeDecodeError, UnicodeEncodeError) as e:
+        raise UserError(f"{where} is not UTF-8 text (a bad byte at offset {e.start}): convert it to UTF-8, e.g. "
+                        f"iconv -f LATIN1 -t UTF-8")
 
 
 def check_args(args):
@@ -196,11 +208,21 @@ class Chat:
 
 def read_turns():
     """The user's turns: each line of stdin that is not blank, until the input ends. In a terminal, after a "> "
-    on stderr; from a pipe, nothing but the replies is printed."""
+    on stderr; from a pipe, nothing but the replies is printed. A line that is not UTF-8 is a UserError raised in
+    its place (read as bytes, so the lines after it are read as usual)."""
+    stdin = getattr(sys.stdin, "buffer", None)  # (a test's StringIO has none)
     while True:
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        if stdin is not None:
+            raw = stdin.readline()
+            try:
+                line = utf8(lambda: raw.decode("utf-8"), "this line")
+            except UserError as e:
+                yield e
+                continue
+        else:
+            line = sys.stdin.readline()
         if not line:
             if sys.stdin.isatty():  # Ctrl-D: the shell's prompt on a line of its own
                 print(file=sys.stderr)
@@ -227,9 +249,16 @@ def print_samples(model: GPT, prompt, args, rt, generator):
 def chat(model: GPT, args, rt, generator):
     """--chat: answer each turn from stdin, the reply printed as it comes, then a newline."""
     conversation = Chat(model, args.system)
+    room = model.config.block_size - len(conversation.turn_tokens("", first=True))
+    if room < 2:  # no room for a user's word and a reply's first token
+        raise UserError(f"--system takes {model.config.block_size - room} tokens in the chat template, with the "
+                        f"headers of a user's turn and the reply, of the model's context of "
+                        f"{model.config.block_size}: no room for a conversation; shorten it")
     try:
         for text in read_turns():
             try:
+                if isinstance(text, UserError):
+                    raise text
                 with rt.autocast():
                     print_tokens(conversation.reply(text, args.max_new_tokens, **sampling_kwargs(args, generator)))
             except UserError as e:  # the message does not fit: an empty reply, so that replies and lines still pair
@@ -237,6 +266,10 @@ def chat(model: GPT, args, rt, generator):
             print(flush=True)
     except KeyboardInterrupt:  # Ctrl-C ends a conversation as end of input does
         print(file=sys.stderr)
+
+
+# What the flags that apply a template expect the model to have been fine-tuned on (train.py --dataset_type)
+TEMPLATES = {"chat": ("chat", "conversations"), "instruction": ("alpaca", "Alpaca records")}
 
 
 def main(argv=None):
@@ -251,17 +284,34 @@ def main(argv=None):
             prompt = read_prompt("\n" if args.prompt is None else args.prompt)
         rt = setup_runtime(args.device, args.dtype)
         model = load_model(args.init_from).to(rt.device).eval()
-    except UserError as e:
-        print_error(e)
-        sys.exit(2)
-    generator = torch.Generator(device=rt.device).manual_seed(args.seed)
-    try:
+        warn_of_an_untrained_template(args)
+        generator = torch.Generator(device=rt.device).manual_seed(args.seed)
         if args.chat:
             chat(model, args, rt, generator)
         else:
             print_samples(model, prompt, args, rt, generator)
+    except UserError as e:
+        print_error(e)
+        sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C, while loading or sampling: stop, without a traceback
+        print(file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as command-line tools do
         sys.stdout = open(os.devnull, "w")
+
+
+def warn_of_an_untrained_template(args):
+    """--chat or --instruction on weights that were not fine-tuned on that template run, but answer with whatever
+    the text goes on with: a note says why."""
+    flag = "chat" if args.chat else "instruction" if args.instruction is not None else None
+    if flag is None:
+        return
+    dataset_type, what = TEMPLATES[flag]
+    trained = trained_on(args.init_from)
+    if trained not in (None, dataset_type):
+        print(f"note: {args.init_from} was trained on --dataset_type {trained} data, not {what}: its answers will "
+              f"not follow the template; fine-tune it with --dataset_type {dataset_type} first (README.md)",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ transformers = pytest.importorskip("transformers")
 EXPORTED = {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"}
 
 
-def tiny_checkpoint(directory, seed=0):
+def tiny_checkpoint(directory, seed=0, dataset_type="text"):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
     directory.mkdir(exist_ok=True)
     save_checkpoint(str(directory / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()),
-                    torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace())
+                    torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace(dataset_type=dataset_type))
     return model
 
 
@@ -164,8 +164,22 @@ CONVERSATIONS = [
 ]
 
 
+def test_only_a_model_fine_tuned_on_chat_data_is_exported_with_a_chat_template(tmp_path, capsys):
+    for dataset_type in ("text", "alpaca", "chat"):
+        tiny_checkpoint(tmp_path / dataset_type, dataset_type=dataset_type)
+        export.main(["--init_from", str(tmp_path / dataset_type), "--out_dir", str(tmp_path / f"hf-{dataset_type}")])
+        config = json.loads((tmp_path / f"hf-{dataset_type}" / "tokenizer_config.json").read_text())
+        assert ("chat_template" in config) == (dataset_type == "chat")
+    # exported again from the Hugging Face directories: the template carried over where there was one
+    for dataset_type in ("text", "chat"):
+        again = tmp_path / f"again-{dataset_type}"
+        export.main(["--init_from", str(tmp_path / f"hf-{dataset_type}"), "--out_dir", str(again)])
+        config = json.loads((again / "tokenizer_config.json").read_text())
+        assert ("chat_template" in config) == (dataset_type == "chat")
+
+
 def test_the_exported_chat_template_gives_transformers_the_trainers_tokens(tmp_path, capsys):
-    tiny_checkpoint(tmp_path / "run")
+    tiny_checkpoint(tmp_path / "run", dataset_type="chat")
     export.main(["--init_from", str(tmp_path / "run"), "--out_dir", str(tmp_path / "hf")])
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
 

@@ -119,7 +119,9 @@ def run_chat(monkeypatch, capsys, model, lines, *flags):
         lambda _, args, kwargs: calls.append((args[0][0].tolist(), kwargs["cache"], kwargs["cache"].length)),
         with_kwargs=True)
     monkeypatch.setattr(sample, "load_model", lambda _: model)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    monkeypatch.setattr(sample, "trained_on", lambda _: "chat")
+    stdin = lines if isinstance(lines, io.IOBase) else io.StringIO("".join(line + "\n" for line in lines))
+    monkeypatch.setattr(sys, "stdin", stdin)
     try:
         sample.main(["--device", "cpu", "--dtype", "float32", "--chat", "--temperature", "0", *flags])
     finally:
@@ -248,7 +250,7 @@ def test_transformers_pipeline_given_chat_messages_answers_as_sample_chat_does(t
     import export
     model = chat_model(block_size=64, eot_bias=12)
     save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()),
-                    torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace())
+                    torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace(dataset_type="chat"))
     export.main(["--init_from", str(tmp_path), "--out_dir", str(tmp_path / "hf")])
     pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
     # replies that end at <|endoftext|> (this model's, within 12 tokens), and one cut by max_new_tokens
@@ -273,3 +275,62 @@ def test_bad_chat_options_exit_2_with_one_line(flags, message, capsys):
         sample.main(["--init_from", "/nonexistent/run", *flags])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def strict_stdin(data):
+    """stdin as under a strict UTF-8 locale (PYTHONIOENCODING=utf-8:strict, as on many desktops), from a pipe."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="strict")
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_a_prompt_on_stdin_that_is_not_utf8_is_one_line(checkpoint, capsys, monkeypatch, errors):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8", errors=errors))
+    with pytest.raises(SystemExit) as exit_info:
+        run_sample(capsys, "--init_from", checkpoint[1], "--prompt", "-")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: stdin is not UTF-8 text (a bad byte at offset 3)")
+
+
+def test_a_chat_line_that_is_not_utf8_is_one_error_and_the_next_lines_are_answered(monkeypatch, capsys):
+    model = chat_model(block_size=128, eot_bias=6)
+    lines = [b"Hi!", b"caf\xe9", b"Bye."]
+    stdin = strict_stdin(b"".join(line + b"\n" for line in lines))
+    out, err, calls = run_chat(monkeypatch, capsys, model, stdin, "--max_new_tokens", "8")
+    assert err.splitlines() == ["error: this line is not UTF-8 text (a bad byte at offset 3): convert it to UTF-8, "
+                                "e.g. iconv -f LATIN1 -t UTF-8"]
+    assert len(out.split("\n")) == 4 and out.split("\n")[1] == ""  # three replies, the second empty, then the end
+    assert len(turn_contexts(calls)) == 2
+
+
+def test_ctrl_c_while_the_model_loads_stops_without_a_traceback(capsys, monkeypatch):
+    def interrupted(source):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "load_model", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        run_sample(capsys, "--prompt", "Hi")
+    assert exit_info.value.code == 130 and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_system_message_that_fills_the_context_is_refused_before_any_turn(monkeypatch, capsys):
+    model = chat_model(block_size=64, eot_bias=12)
+    with pytest.raises(SystemExit) as exit_info:
+        run_chat(monkeypatch, capsys, model, ["Hi!"], "--system", "Be brief. " * 30)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: --system takes ") and "no room for a conversation; shorten it" in err
+
+
+@pytest.mark.parametrize("dataset_type, flags, noted", [
+    ("text", ["--chat"], True), ("alpaca", ["--chat"], True), ("chat", ["--chat"], False),
+    ("text", ["--instruction", "Add."], True), ("alpaca", ["--instruction", "Add."], False),
+    ("text", ["--prompt", "Hi"], False)])
+def test_a_template_on_weights_not_fine_tuned_on_it_gets_a_note(tmp_path, capsys, monkeypatch, dataset_type, flags,
+                                                                noted):
+    model = chat_model(block_size=64, eot_bias=12)
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()),
+                    torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace(dataset_type=dataset_type))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi!\n"))
+    sample.main(["--init_from", str(tmp_path), "--max_new_tokens", "4", "--device", "cpu", *flags])
+    err = capsys.readouterr().err
+    assert (f"was trained on --dataset_type {dataset_type} data" in err) == noted, err
