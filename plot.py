@@ -18,6 +18,12 @@ PANELS = [("loss", [("loss", "train"), ("val_loss", "val")]), ("learning rate", 
           ("tokens/s", [("tokens_per_sec", "")])]
 
 
+def fail(message):
+    """A one-line error, and exit 2 (as every script of the repo exits on bad input)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def read_metrics(path):
     """A run's records. A last line that is not a record was cut short by a kill (or is being written now): it is
     skipped with a note. A bad line before it is damage, or another kind of file: refused, naming that line."""
@@ -27,7 +33,7 @@ def read_metrics(path):
         with open(path, "rb") as f:  # binary: only b"\n" ends a line (text mode also splits at "\r")
             lines = [(lineno, line) for lineno, line in enumerate(f, 1) if line.strip()]
     except OSError as e:
-        raise SystemExit(f"error: cannot read {path}: {e.strerror}")
+        fail(f"cannot read {path}: {e.strerror}")
     records = []
     for lineno, line in lines:
         try:
@@ -39,11 +45,11 @@ def read_metrics(path):
                 print(f"note: {path}: skipped its last line, cut short (the run was interrupted while writing it)",
                       file=sys.stderr)
                 break
-            raise SystemExit(f"error: {path} line {lineno} is not a metrics record (JSON with a step): is it a "
-                             f"metrics.jsonl? Fix or remove that line")
+            fail(f"{path} line {lineno} is not a metrics record (JSON with a step): is it a metrics.jsonl? Fix or "
+                 f"remove that line")
         records.append(record)
     if not records:
-        raise SystemExit(f"error: {path} holds no records yet")
+        fail(f"{path} holds no records yet")
     return path, records
 
 
@@ -59,16 +65,17 @@ def main(argv=None):
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: plot.py needs matplotlib: pip install matplotlib")
+        fail("plot.py needs matplotlib: pip install matplotlib")
     fig, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4.5))
     for ax, (title, series) in zip(axes, PANELS):
-        for path, records in runs:
+        for k, (path, records) in enumerate(runs):
             run = os.path.basename(os.path.dirname(os.path.abspath(path))) if len(runs) > 1 else ""
             for key, label in series:
                 points = [(r["step"], r[key]) for r in records if key in r]
-                if points:
-                    ax.plot(*zip(*points), marker="o" if key.startswith("val") else None, markersize=3,
-                            label=" ".join(filter(None, [run, label])) or None)
+                if points:  # a run's colour in every panel; its validation curve dashed, with markers
+                    val = key.startswith("val")
+                    ax.plot(*zip(*points), color=f"C{k}", linestyle="--" if val else "-", marker="o" if val else None,
+                            markersize=3, label=" ".join(filter(None, [run, label])) or None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -79,9 +86,9 @@ def main(argv=None):
     try:
         fig.savefig(out, dpi=110)
     except OSError as e:
-        raise SystemExit(f"error: cannot write {out}: {e.strerror or e}")
+        fail(f"cannot write {out}: {e.strerror or e}")
     except ValueError as e:  # an --out suffix matplotlib cannot write: its message lists those it can
-        raise SystemExit(f"error: cannot write {out}: {e}")
+        fail(f"cannot write {out}: {e}")
     print(f"wrote {out}")
 
 

@@ -2,8 +2,8 @@
 # Instruction fine-tuning on Alpaca records (loss on the responses only), or on chat conversations (loss on the
 # assistant's replies only).
 #
-#   ./train_alpaca.sh          # gpt2-micro from scratch on alpaca_sample.json: a few minutes on a CPU
-#   DATASET_PATH=chat_sample.json ./train_alpaca.sh              # the same on conversations (detected)
+#   ./train_alpaca.sh          # gpt2-micro from scratch on alpaca_sample.json into out-alpaca: under a minute on a CPU
+#   DATASET_PATH=chat_sample.json ./train_alpaca.sh              # the same on conversations (detected), into out-chat
 #   INIT_FROM=gpt2 DATASET_PATH=data/alpaca_data.json MAX_STEPS=2000 ./train_alpaca.sh --device cuda   # fine-tuning
 #   NPROC_PER_NODE=8 INIT_FROM=gpt2-medium SEQ_LEN=512 ./train_alpaca.sh
 #
@@ -16,7 +16,7 @@ DATASET_PATH="${DATASET_PATH:-$REPO/alpaca_sample.json}"  # a JSON list or JSONL
 DATASET_TYPE="${DATASET_TYPE:-}"               # alpaca or chat; empty: chat if the records have "messages" or "conversations"
 BATCH_SIZE="${BATCH_SIZE:-8}"                  # examples per micro-batch, per process
 SEQ_LEN="${SEQ_LEN:-256}"                      # longest example in tokens: longer responses are cut, longer prompts dropped
-MAX_STEPS="${MAX_STEPS:-150}"                  # optimizer steps (about 0.35 s each for the defaults on a 2-core CPU)
+MAX_STEPS="${MAX_STEPS:-150}"                  # optimizer steps (0.2-0.4 s each for the defaults on a 2-core CPU)
 INIT_FROM="${INIT_FROM:-}"                     # weights to start from (ckpt.pt, out_dir, HF dir, gpt2...); empty: from scratch
 # From scratch, the three below default to AdamW at 1e-3 after 20 warmup steps; with INIT_FROM, to train.py's
 # fine-tuning recipe (AdamW at a constant 3e-5, no warmup: train.py --help), which keeps what the weights know.
@@ -24,7 +24,7 @@ WARMUP_STEPS="${WARMUP_STEPS:-}"               # steps of linear warmup to MAX_L
 MAX_LR="${MAX_LR:-}"                           # peak learning rate
 OPTIMIZER="${OPTIMIZER:-}"                     # adamw, or muon
 WEIGHT_DECAY="${WEIGHT_DECAY:-0.1}"            # weight decay
-OUT_DIR="${OUT_DIR:-out-alpaca}"               # where ckpt.pt and metrics.jsonl go
+OUT_DIR="${OUT_DIR:-}"                         # where ckpt.pt and metrics.jsonl go (empty: out-alpaca, or out-chat)
 MODEL="${MODEL:-}"                             # preset when training from scratch (empty: gpt2-micro); INIT_FROM sets the shape otherwise
 
 if [[ -z "$DATASET_TYPE" ]]; then
@@ -35,6 +35,7 @@ if [[ -z "$DATASET_TYPE" ]]; then
         DATASET_TYPE=alpaca  # (a missing file too: train.py says what is wrong with it)
     fi
 fi
+OUT_DIR="${OUT_DIR:-out-$DATASET_TYPE}"  # one per kind of data: the chat example does not collide with the Alpaca one
 
 args=(--dataset_type "$DATASET_TYPE" --dataset_path "$DATASET_PATH" --batch_size "$BATCH_SIZE" --seq_len "$SEQ_LEN"
       --max_steps "$MAX_STEPS" --weight_decay "$WEIGHT_DECAY" --out_dir "$OUT_DIR")

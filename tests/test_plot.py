@@ -32,22 +32,42 @@ def test_a_metrics_file_whose_last_line_a_kill_cut_short_plots_the_rest_with_a_o
 
 
 @pytest.mark.parametrize("damage", ['{"step": 4, "lo', "[1, 2]", '{"loss": 3}', "[" * 50_000 + "]" * 50_000])
-def test_a_damaged_line_before_the_last_is_refused_in_one_line_naming_that_line(tmp_path, damage):
+def test_a_damaged_line_before_the_last_is_refused_in_one_line_naming_that_line(tmp_path, damage, capsys):
     lines = metrics_lines(range(1, 11))
     lines[5:6] = ["", damage]  # a blank line 6 still counts: line 7 is the damaged one, as an editor numbers it
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(SystemExit) as exit:
         plot.main([str(tmp_path)])
-    message = exit.value.code
-    assert message.startswith(f"error: {tmp_path / 'metrics.jsonl'} line 7 is not a metrics record")
-    assert "\n" not in message
+    err = capsys.readouterr().err
+    assert exit.value.code == 2  # as every script of the repo exits on bad input
+    assert err.startswith(f"error: {tmp_path / 'metrics.jsonl'} line 7 is not a metrics record")
+    assert err.count("\n") == 1
     assert not (tmp_path / "metrics.png").exists()
 
 
-def test_an_out_file_plot_cannot_write_is_refused_in_one_line(tmp_path):
+def test_an_out_file_plot_cannot_write_is_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("\n".join(metrics_lines(range(1, 4))))
     for out, why in [(tmp_path / "runs.xyz", "Format 'xyz' is not supported"),
                      (tmp_path / "missing" / "runs.png", "No such file or directory")]:
         with pytest.raises(SystemExit) as exit:
             plot.main([str(tmp_path), "--out", str(out)])
-        assert exit.value.code.startswith(f"error: cannot write {out}: {why}") and "\n" not in exit.value.code
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith(f"error: cannot write {out}: {why}") and err.count("\n") == 1
+
+
+def test_each_run_keeps_one_colour_in_every_panel(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.jsonl").write_text("\n".join(metrics_lines(range(1, 11))))
+    figures = []
+    monkeypatch.setattr(plt, "subplots", lambda *a, real=plt.subplots, **k: figures.append(real(*a, **k)) or
+                        figures[-1])
+    plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "runs.png")])
+    [(fig, axes)] = figures
+    colours = {}  # run -> the colours of its curves, over all panels (train and val alike)
+    for ax in axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label().split()[0], set()).add(line.get_color())
+    assert set(colours) == {"a", "b"} and all(len(c) == 1 for c in colours.values())
+    assert colours["a"] != colours["b"]
