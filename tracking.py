@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 
 from cli import UserError, first_line
 from files import write_atomically
@@ -56,7 +57,13 @@ class TensorBoard:
     def __init__(self, args, config, resume_step):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(os.path.join(args.out_dir, "tensorboard"),
+        log_dir = os.path.join(args.out_dir, "tensorboard")
+        # writable, or an OSError here (a warning): past this point a failure to write would be raised in the
+        # writer's own thread, as a traceback, after the warning
+        os.makedirs(log_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=log_dir):
+            pass
+        self.writer = SummaryWriter(log_dir,
                                     purge_step=0 if resume_step is None else resume_step + 1)
         self.writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "),
                              global_step=resume_step or 0)  # (indented: TensorBoard shows markdown)

@@ -128,3 +128,28 @@ def test_a_tracker_whose_package_is_missing_is_one_line_before_anything_is_writt
     err = capsys.readouterr().err
     assert err == f"error: {flag[0]} needs the {package} package: pip install {package} (or drop {flag[0]})\n"
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_tensorboard_folder_that_cannot_be_written_is_one_warning_and_no_traceback(small_text, tmp_path, capfd,
+                                                                                     monkeypatch):
+    pytest.importorskip("tensorboard")
+    plain = run_train(small_text, tmp_path / "plain", "--max_steps", "3")
+    # out_dir/tensorboard read-only (as root, chmod cannot make it so): every file opened in it is refused
+    read_only = str(tmp_path / "tracked" / "tensorboard")
+
+    def refusing(real):
+        def open_(path, *args, **kwargs):
+            if str(path).startswith(read_only):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+        return open_
+
+    monkeypatch.setattr("builtins.open", refusing(open))
+    monkeypatch.setattr(os, "open", refusing(os.open))
+    capfd.readouterr()
+    tracked = run_train(small_text, tmp_path / "tracked", "--tensorboard", "--max_steps", "3")
+    err = capfd.readouterr().err
+    [warning] = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warning.startswith("warning: TensorBoard could not start ([Errno 13] Permission denied")
+    assert "Traceback" not in err and "Exception in thread" not in err
+    assert losses(tracked) == losses(plain)
