@@ -51,6 +51,8 @@ MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"  # a line per shard completed since manifest.json was last written
 MIN_SHARD_TOKENS = 1000  # smaller shards would split a corpus into absurdly many files
 MAX_SHARD_TOKENS = 2**31 - 1  # a shard's header counts its tokens in an int32
+BYTES_PER_TOKEN = 4  # about what a GPT-2 token takes of English text: the default --val_tokens estimates with it
+MAX_VAL_TOKENS = 10_000_000  # the default --val_tokens at most, and for a Hugging Face dataset (its size unknown)
 
 
 def bounded_int(low, high=None, why=""):
@@ -78,8 +80,10 @@ def build_parser():
     a("--shard_tokens", type=bounded_int(MIN_SHARD_TOKENS, MAX_SHARD_TOKENS, ": smaller shards would split a corpus "
       "into absurdly many files, and a shard's header counts its tokens in an int32"), default=100_000_000,
       help="tokens per shard, 2 bytes each")
-    a("--val_tokens", type=bounded_int(0, why=" (0: no validation split)"), default=10_000_000,
-      help="the first this many tokens are the validation split; for a corpus under a billion tokens, about 1%% of it")
+    a("--val_tokens", type=bounded_int(0, why=" (0: no validation split)"),
+      help=f"the first this many tokens are the validation split; if not given, a tenth of the corpus, estimated at "
+      f"{BYTES_PER_TOKEN} bytes a token from the input files' sizes (Parquet's are compressed: a smaller split), at "
+      f"most {MAX_VAL_TOKENS:,} ({MAX_VAL_TOKENS:,} for --hf_dataset)")
     a("--workers", type=bounded_int(1), default=os.cpu_count() or 1, help="tokenizing processes")
     a("--overwrite", action="store_true", help="delete the shards and manifest in --out_dir and start afresh")
     a("--hf_dataset", help="instead of INPUTs, stream this Hugging Face dataset (needs `pip install datasets`)")
@@ -405,33 +409,80 @@ def complete_shards(args, config):
     return done, manifest.get("done", False) and len(done) == len(manifest["shards"])
 
 
+def estimated_val_tokens(n_bytes):
+    """The default --val_tokens: a tenth of the corpus, estimated from its bytes, at most MAX_VAL_TOKENS. A function of
+    the input files' sizes, which the manifest fingerprints: a rerun resolves it to the same number."""
+    return min(MAX_VAL_TOKENS, n_bytes // (BYTES_PER_TOKEN * 10))
+
+
+def resolve_val_tokens(args, files):
+    """--val_tokens, or its default for these files. A value the inputs cannot fill is refused before any work: it
+    would leave no training tokens, found only once the whole corpus was tokenized."""
+    n_bytes = sum(os.path.getsize(f) for f in files)
+    if args.val_tokens is None:
+        return estimated_val_tokens(n_bytes)
+    # Each token is at least a byte of text, and a text file's <|endoftext|> (its only token if it is empty) takes
+    # none; a JSONL line's <|endoftext|> is paid for by its braces and quotes. Parquet's bytes are compressed: no bound.
+    most = n_bytes + sum(f.endswith(TEXT_SUFFIXES) for f in files)
+    if args.val_tokens and most <= args.val_tokens and not any(f.endswith(".parquet") for f in files):
+        raise DataError(f"--val_tokens {args.val_tokens:,} leaves no training tokens: the inputs hold at most {most:,} "
+                        f"({n_bytes:,} bytes, a token at least one of them): pass a smaller --val_tokens, or none "
+                        f"for a tenth of the corpus")
+    return args.val_tokens
+
+
+def missing_folders(path):
+    """The folders of path that do not exist yet, deepest first: those os.makedirs(path) creates."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
 def prepare(args):
     if not args.inputs and not args.hf_dataset:
         raise DataError("no inputs: pass text, JSONL or Parquet files or folders of them, or --hf_dataset NAME")
     if args.inputs and args.hf_dataset:
         raise DataError("pass INPUT files or --hf_dataset, not both")
-    config = {"tokenizer": "gpt2", "dtype": "uint16", "text_field": args.text_field, "shard_tokens": args.shard_tokens,
-              "val_tokens": args.val_tokens, "text_piece": TEXT_PIECE}
     if args.hf_dataset:
         require("datasets", "--hf_dataset")
-        config["inputs"] = [args.hf_dataset, args.hf_config, args.hf_split]
-        stream = hf_pieces(args)
+        args.val_tokens = MAX_VAL_TOKENS if args.val_tokens is None else args.val_tokens
+        inputs, stream = [args.hf_dataset, args.hf_config, args.hf_split], hf_pieces(args)
     else:
         files = input_files(args.inputs)
-        config["inputs"] = [os.path.abspath(p) for p in args.inputs]
+        args.val_tokens = resolve_val_tokens(args, files)
+        inputs, stream = [os.path.abspath(p) for p in args.inputs], pieces(files, args.text_field)
+    config = {"tokenizer": "gpt2", "dtype": "uint16", "text_field": args.text_field, "shard_tokens": args.shard_tokens,
+              "val_tokens": args.val_tokens, "text_piece": TEXT_PIECE, "inputs": inputs}
+    if not args.hf_dataset:
         listing = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
         # the files as they are now: an edited input no longer matches the shards made from it
         config["inputs_sha256"] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-        stream = pieces(files, args.text_field)
     shards, finished = complete_shards(args, config)
     if finished:
         remove(os.path.join(args.out_dir, JOURNAL))  # all in the manifest: a kill at the very end left it
         print(f"{args.out_dir}: all {len(shards)} shards are already complete", file=sys.stderr)
         return
+    created = missing_folders(args.out_dir)
     try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        raise write_error(args.out_dir, e)
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+        except OSError as e:
+            raise write_error(args.out_dir, e)
+        write_shards(args, config, shards, stream)
+    except BaseException:  # a failure, or Ctrl-C: the folders this run made go too, if it left them empty
+        for folder in created:
+            try:
+                os.rmdir(folder)  # only ever removes an empty folder
+            except OSError:
+                break
+        raise
+
+
+def write_shards(args, config, shards, stream):
+    """Tokenize the stream into shards in args.out_dir, after the complete `shards` (those of an earlier run)."""
+    started_empty = not shards
     # Extends shards as each completes. A shard's entry: file, tokens, bytes, and where the stream stands after it:
     # "pieces" it and the shards before hold whole, "skip_tokens" they hold of the next one (a straddling document).
     journal = Journal(args.out_dir, config, shards)
@@ -440,6 +491,13 @@ def prepare(args):
     if shards:
         print(f"{args.out_dir}: {len(shards)} shards complete, resuming after them", file=sys.stderr)
     shard, n_docs, n_tokens, t0, shown = None, 0, 0, time.time(), 0.0
+
+    def show_progress():
+        nonlocal shown
+        shown = time.time()
+        print(f"\r{n_docs:,} documents, {n_tokens:,} tokens, {n_tokens / max(shown - t0, 1e-6):,.0f} tokens/s",
+              end="", file=sys.stderr, flush=True)
+
     try:
         for tokens, lengths in encoded(itertools.islice(stream, n_pieces, None), args.workers):
             ends, used = np.cumsum(lengths), min(discard, len(tokens))  # used: tokens of this task consumed
@@ -460,10 +518,10 @@ def prepare(args):
             n_pieces += len(lengths)
             n_docs += int((tokens == EOT_TOKEN).sum())  # encode_ordinary never makes it: one per document
             n_tokens += len(tokens)
-            if time.time() - shown >= 1:
-                shown = time.time()
-                print(f"\r{n_docs:,} documents, {n_tokens:,} tokens, {n_tokens / (shown - t0):,.0f} tokens/s",
-                      end="", file=sys.stderr, flush=True)
+            if time.time() - shown >= 1:  # at most once a second
+                show_progress()
+        if n_tokens:
+            show_progress()  # the final figures: the last line shown may be up to a second old
         if shard is not None:  # the stream's last, shorter shard
             shards.append({**shard.close(), "pieces": n_pieces, "skip_tokens": 0})
             shard = None
@@ -478,8 +536,14 @@ def prepare(args):
     if not shards:
         raise DataError("the inputs hold no documents")
     if n_train == 0:
-        raise DataError(f"the inputs hold {n_val} tokens, all of them taken by the validation split (--val_tokens "
-                        f"{args.val_tokens}): rerun with a smaller --val_tokens and --overwrite")
+        why = (f"the inputs hold {n_val:,} tokens, all of them taken by the validation split (--val_tokens "
+               f"{args.val_tokens:,})")
+        if not started_empty:  # shards of an earlier run of this command: not this run's to delete
+            raise DataError(f"{why}: rerun with a smaller --val_tokens and --overwrite")
+        # All of them this run's: removed, so that the rerun with a smaller --val_tokens needs no --overwrite
+        for name in [s["file"] for s in shards] + [MANIFEST, JOURNAL]:
+            remove(os.path.join(args.out_dir, name))
+        raise DataError(f"{why}: rerun with a smaller --val_tokens (the shards this run wrote are removed)")
     journal.finish()
     print(f"{args.out_dir}: {len(shards)} shards, {n_val:,} validation and {n_train:,} training tokens",
           file=sys.stderr)
