@@ -39,6 +39,7 @@ import numpy as np
 from cli import OneLineParser
 from data import EOT_TOKEN, SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_NAME, SHARD_VERSION, DataError, get_tokenizer, \
     shard_tokens
+from data import parse_json
 
 TEXT_SUFFIXES = (".txt", ".md")  # a document per file; in a folder, other files (README, images, .json) are skipped
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
@@ -53,6 +54,8 @@ MIN_SHARD_TOKENS = 1000  # smaller shards would split a corpus into absurdly man
 MAX_SHARD_TOKENS = 2**31 - 1  # a shard's header counts its tokens in an int32
 BYTES_PER_TOKEN = 4  # about what a GPT-2 token takes of English text: the default --val_tokens estimates with it
 MAX_VAL_TOKENS = 10_000_000  # the default --val_tokens at most, and for a Hugging Face dataset (its size unknown)
+NOT_UTF8_NUL = ("is not UTF-8 text (UTF-16, or binary: it has NUL bytes): convert it to UTF-8, e.g. iconv -f UTF-16 "
+                "-t UTF-8")  # as data.read_text says it of train.py's text files
 
 
 def bounded_int(low, high=None, why=""):
@@ -130,6 +133,8 @@ def pieces(files, field):
             if path.endswith(".jsonl"):
                 with open(path, "rb") as f:  # binary: only b"\n" ends a line (text mode also splits at "\r")
                     for lineno, line in enumerate(f, 1):
+                        if lineno == 1:  # a UTF-8 byte-order mark (Notepad, PowerShell) is not text: dropped
+                            line = line.removeprefix(b"\xef\xbb\xbf")
                         if line.strip():
                             yield jsonl_text(line, field, f"{path} line {lineno}"), True
             elif path.endswith(".parquet"):
@@ -146,9 +151,17 @@ def pieces(files, field):
                             raise DataError(f"{path} row {row}: column {field!r} is {text!r:.40}, not text")
                         yield text, True
             else:
-                with open(path, encoding="utf-8", newline="") as f:  # newline="": the text as it is, \r\n and all
+                # utf-8-sig: a byte-order mark (Notepad, PowerShell) is not text, and train.py drops it too;
+                # newline="": the text as it is, \r\n and all
+                with open(path, encoding="utf-8-sig", newline="") as f:
                     text, first = "", True  # (a file without line breaks is read whole)
                     while chunk := f.read(TEXT_PIECE):
+                        # UTF-16 (Windows' "Unicode") without a byte-order mark decodes as UTF-8 when it is ASCII
+                        # text, with a NUL after each character: it would train, on noise. Text has no NULs; a few
+                        # percent of them is another encoding. Checked as each piece is read: a UTF-16 file is
+                        # refused before any of it is tokenized.
+                        if chunk.count("\0") > len(chunk) // 100:
+                            raise DataError(f"{path} {NOT_UTF8_NUL}")
                         start = max(TEXT_PIECE, len(text) - 1)  # where an end may be: not in what was searched
                         text += chunk
                         while (end := PIECE_END.search(text, start)) is not None:
@@ -162,8 +175,10 @@ def pieces(files, field):
 
 
 def jsonl_text(line, field, where):
+    if b"\0" in line:  # no JSON has a NUL byte: UTF-16 (NUL after each ASCII character), or not text at all
+        raise DataError(f"{where} {NOT_UTF8_NUL}")
     try:
-        record = json.loads(line)
+        record = parse_json(line.decode("utf-8"))  # nested too deeply ([[[[...]]]]) is a JSONDecodeError too
     except ValueError as e:  # a JSONDecodeError, or a UnicodeDecodeError
         raise DataError(f"{where} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')}): fix or remove that line")
     if not isinstance(record, dict) or not isinstance(record.get(field), str):

@@ -353,6 +353,47 @@ def one_line_error(capsys):
     return err[0]
 
 
+@pytest.mark.parametrize("name", ["windows.txt", "windows.jsonl"])
+def test_utf16_without_a_byte_order_mark_is_refused_in_one_line_before_any_shard_or_folder(tmp_path, capsys, name):
+    # ASCII text as UTF-16 without its byte-order mark: valid UTF-8, with a NUL after each character
+    text = "".join(json.dumps({"text": doc}) + "\r\n" for doc in documents(100))
+    (tmp_path / name).write_bytes(text.encode("utf-16-le"))
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path / "out", tmp_path / name)
+    where = f"{name} line 1" if name.endswith(".jsonl") else name
+    assert exit.value.code == 2 and f"{where} is not UTF-8 text (UTF-16, or binary: it has NUL bytes): convert it " \
+        f"to UTF-8, e.g. iconv -f UTF-16 -t UTF-8" in one_line_error(capsys)
+    assert not os.path.exists(tmp_path / "out")  # nothing written, not even the folder
+
+
+def test_a_stray_nul_in_a_text_file_is_text_as_in_train_py(tmp_path):
+    text = "".join(documents(100))
+    (tmp_path / "stray.txt").write_text(text[:1000] + "\0" + text[1000:], encoding="utf-8")  # under 1% NULs
+    run(tmp_path / "out", tmp_path / "stray.txt")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["done"]
+
+
+def test_a_utf8_byte_order_mark_is_dropped_from_text_files_and_jsonl_as_train_py_drops_it(tmp_path, corpus):
+    docs, folder = documents(), tmp_path / "corpus"
+    folder.mkdir()
+    for i, doc in enumerate(docs):  # Notepad's and PowerShell's UTF-8 starts with a byte-order mark
+        (folder / f"doc_{i:03d}.txt").write_bytes(b"\xef\xbb\xbf" + doc.encode("utf-8"))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + open(corpus, "rb").read())
+    run(tmp_path / "text", folder)
+    run(tmp_path / "bom_jsonl", tmp_path / "bom.jsonl")
+    run(tmp_path / "clean", corpus)
+    assert shard_bytes(tmp_path / "text") == shard_bytes(tmp_path / "bom_jsonl") == shard_bytes(tmp_path / "clean")
+    assert data.read_text(str(folder / "doc_000.txt"))[1] == docs[0]  # what train.py reads of such a file
+
+
+def test_jsonl_nested_too_deeply_is_the_one_line_invalid_json_error_not_a_recursion_traceback(tmp_path, capsys):
+    (tmp_path / "deep.jsonl").write_text(f"{GOOD}\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path / "out", tmp_path / "deep.jsonl", options=[])
+    assert exit.value.code == 2
+    assert "deep.jsonl line 2 is not valid JSON (nested too deeply): fix or remove that line" in one_line_error(capsys)
+
+
 def test_the_default_val_tokens_is_a_tenth_of_the_corpus_at_4_bytes_a_token_at_most_10m(tmp_path, corpus, capsys):
     run(tmp_path / "out", corpus, options=["--shard_tokens", "1000"])  # was 10M: more than the corpus, refused
     val_tokens = os.path.getsize(corpus) // 40
