@@ -26,12 +26,15 @@ import hashlib
 import importlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import re
 import signal
+import socket
 import sys
 import time
+import urllib.parse
 from collections import deque
 
 import numpy as np
@@ -184,6 +187,29 @@ def jsonl_text(line, field, where):
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
         raise DataError(f"{where} has no text in field {field!r}: every line needs one (or pass --text_field)")
     return record[field]
+
+
+def check_hub_reachable(name):
+    """Offline, huggingface_hub retries each request for half a minute before datasets fails: resolving the hub's host
+    name first says so at once. Skipped when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: a cached dataset is read
+    then, without the network."""
+    offline = [os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
+    if any(value in ("1", "ON", "YES", "TRUE") for value in offline):  # the libraries' own reading of them
+        return
+    host = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        if host:  # (an HF_ENDPOINT without a scheme has none: the hub library says what is wrong with it)
+            socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as e:  # socket.gaierror is an OSError; UnicodeError: a host name that is no name
+        raise DataError(f"cannot stream {name} from the Hugging Face hub (is this machine online?): cannot resolve "
+                        f"{host}: {getattr(e, 'strerror', None) or e}")
+
+
+def quiet_hub():
+    """The hub libraries log each retry of a failing request as a warning, ~10 lines before their error: only
+    errors are logged, so that the one line of hf_pieces() is what shows. (After the import: it sets their level.)"""
+    for library in ("huggingface_hub", "datasets"):
+        logging.getLogger(library).setLevel(logging.ERROR)
 
 
 def hf_pieces(args):
@@ -462,6 +488,8 @@ def prepare(args):
         raise DataError("pass INPUT files or --hf_dataset, not both")
     if args.hf_dataset:
         require("datasets", "--hf_dataset")
+        quiet_hub()
+        check_hub_reachable(args.hf_dataset)
         args.val_tokens = MAX_VAL_TOKENS if args.val_tokens is None else args.val_tokens
         inputs, stream = [args.hf_dataset, args.hf_config, args.hf_split], hf_pieces(args)
     else:

@@ -1,7 +1,9 @@
 import errno
 import json
+import logging
 import os
 import re
+import socket
 import sys
 
 import numpy as np
@@ -21,6 +23,20 @@ OPTIONS = ["--shard_tokens", "1000", "--val_tokens", "1500"]  # about 10,000 tok
 def small_tasks(monkeypatch):
     """Tasks of ~2,000 characters instead of 1M, so 2 workers share even a small corpus, and shards end mid-task."""
     monkeypatch.setattr(prepare, "TASK_CHARS", 2000)
+
+
+@pytest.fixture(autouse=True)
+def hub_host(monkeypatch):
+    """No test touches the network: a host name resolves (to no address: nothing connects to it), as if online. The
+    hub libraries' log levels, which --hf_dataset raises, are put back afterwards."""
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [])
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
 
 
 def documents(n=300):
@@ -522,6 +538,44 @@ def test_a_hugging_face_dataset_offline_gets_one_line(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is this machine online?): Couldn't reach" in err
     assert not os.path.exists(tmp_path / "out")  # no shard, nor the empty folder this run made
+
+
+def test_an_offline_machine_is_told_at_once_by_resolving_the_hub_before_any_folder(tmp_path, capsys, monkeypatch):
+    fake, asked = FakeDatasets(rows=[{"text": doc} for doc in documents()]), []
+
+    def unresolved(host, *args, **kwargs):
+        asked.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(socket, "getaddrinfo", unresolved)
+    for endpoint, host in [(None, "huggingface.co"), ("https://hf-mirror.example:8443", "hf-mirror.example")]:
+        if endpoint:
+            monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        with pytest.raises(SystemExit) as exit:
+            run(tmp_path / "out", "--hf_dataset", "HuggingFaceFW/fineweb-edu")
+        assert exit.value.code == 2 and one_line_error(capsys) == (
+            f"error: cannot stream HuggingFaceFW/fineweb-edu from the Hugging Face hub (is this machine online?): "
+            f"cannot resolve {host}: Name or service not known")
+        assert asked[-1] == host and fake.calls == [] and not os.path.exists(tmp_path / "out")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # a cached dataset is read without the network: not checked
+    run(tmp_path / "out", "--hf_dataset", "HuggingFaceFW/fineweb-edu")
+    assert len(asked) == 2 and len(fake.calls) == 1 and shard_names(tmp_path / "out")
+
+
+def test_the_hub_libraries_retry_warnings_are_silenced_so_our_one_line_is_all_that_shows(tmp_path, capsys,
+                                                                                        monkeypatch, caplog):
+    class Retrying(FakeDatasets):
+        def load_dataset(self, *args, **kwargs):  # as huggingface_hub's http_backoff and datasets log, offline
+            for name in ("huggingface_hub.utils._http", "datasets.load"):
+                logging.getLogger(name).warning("'[Errno 111] Connection refused' thrown; Retrying in 1s [Retry 1/5].")
+            return super().load_dataset(*args, **kwargs)
+
+    monkeypatch.setitem(sys.modules, "datasets", Retrying(error=ConnectionError("Couldn't reach it on the Hub")))
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out", "--hf_dataset", "HuggingFaceFW/fineweb-edu")
+    assert "Couldn't reach it on the Hub" in one_line_error(capsys)
+    assert not [record for record in caplog.records if "Retry" in record.getMessage()]
 
 
 def test_a_hugging_face_dataset_defaults_to_10m_validation_tokens_and_a_small_one_leaves_nothing(tmp_path, capsys,
