@@ -26,12 +26,15 @@ import hashlib
 import importlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import re
 import signal
+import socket
 import sys
 import time
+import urllib.parse
 from collections import deque
 
 import numpy as np
@@ -39,6 +42,7 @@ import numpy as np
 from cli import OneLineParser
 from data import EOT_TOKEN, SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_NAME, SHARD_VERSION, DataError, get_tokenizer, \
     shard_tokens
+from data import parse_json
 
 TEXT_SUFFIXES = (".txt", ".md")  # a document per file; in a folder, other files (README, images, .json) are skipped
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
@@ -51,6 +55,10 @@ MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"  # a line per shard completed since manifest.json was last written
 MIN_SHARD_TOKENS = 1000  # smaller shards would split a corpus into absurdly many files
 MAX_SHARD_TOKENS = 2**31 - 1  # a shard's header counts its tokens in an int32
+BYTES_PER_TOKEN = 4  # about what a GPT-2 token takes of English text: the default --val_tokens estimates with it
+MAX_VAL_TOKENS = 10_000_000  # the default --val_tokens at most, and for a Hugging Face dataset (its size unknown)
+NOT_UTF8_NUL = ("is not UTF-8 text (UTF-16, or binary: it has NUL bytes): convert it to UTF-8, e.g. iconv -f UTF-16 "
+                "-t UTF-8")  # as data.read_text says it of train.py's text files
 
 
 def bounded_int(low, high=None, why=""):
@@ -78,8 +86,10 @@ def build_parser():
     a("--shard_tokens", type=bounded_int(MIN_SHARD_TOKENS, MAX_SHARD_TOKENS, ": smaller shards would split a corpus "
       "into absurdly many files, and a shard's header counts its tokens in an int32"), default=100_000_000,
       help="tokens per shard, 2 bytes each")
-    a("--val_tokens", type=bounded_int(0, why=" (0: no validation split)"), default=10_000_000,
-      help="the first this many tokens are the validation split; for a corpus under a billion tokens, about 1%% of it")
+    a("--val_tokens", type=bounded_int(0, why=" (0: no validation split)"),
+      help=f"the first this many tokens are the validation split; if not given, a tenth of the corpus, estimated at "
+      f"{BYTES_PER_TOKEN} bytes a token from the input files' sizes (Parquet's are compressed: a smaller split), at "
+      f"most {MAX_VAL_TOKENS:,} ({MAX_VAL_TOKENS:,} for --hf_dataset)")
     a("--workers", type=bounded_int(1), default=os.cpu_count() or 1, help="tokenizing processes")
     a("--overwrite", action="store_true", help="delete the shards and manifest in --out_dir and start afresh")
     a("--hf_dataset", help="instead of INPUTs, stream this Hugging Face dataset (needs `pip install datasets`)")
@@ -126,6 +136,8 @@ def pieces(files, field):
             if path.endswith(".jsonl"):
                 with open(path, "rb") as f:  # binary: only b"\n" ends a line (text mode also splits at "\r")
                     for lineno, line in enumerate(f, 1):
+                        if lineno == 1:  # a UTF-8 byte-order mark (Notepad, PowerShell) is not text: dropped
+                            line = line.removeprefix(b"\xef\xbb\xbf")
                         if line.strip():
                             yield jsonl_text(line, field, f"{path} line {lineno}"), True
             elif path.endswith(".parquet"):
@@ -142,9 +154,17 @@ def pieces(files, field):
                             raise DataError(f"{path} row {row}: column {field!r} is {text!r:.40}, not text")
                         yield text, True
             else:
-                with open(path, encoding="utf-8", newline="") as f:  # newline="": the text as it is, \r\n and all
+                # utf-8-sig: a byte-order mark (Notepad, PowerShell) is not text, and train.py drops it too;
+                # newline="": the text as it is, \r\n and all
+                with open(path, encoding="utf-8-sig", newline="") as f:
                     text, first = "", True  # (a file without line breaks is read whole)
                     while chunk := f.read(TEXT_PIECE):
+                        # UTF-16 (Windows' "Unicode") without a byte-order mark decodes as UTF-8 when it is ASCII
+                        # text, with a NUL after each character: it would train, on noise. Text has no NULs; a few
+                        # percent of them is another encoding. Checked as each piece is read: a UTF-16 file is
+                        # refused before any of it is tokenized.
+                        if chunk.count("\0") > len(chunk) // 100:
+                            raise DataError(f"{path} {NOT_UTF8_NUL}")
                         start = max(TEXT_PIECE, len(text) - 1)  # where an end may be: not in what was searched
                         text += chunk
                         while (end := PIECE_END.search(text, start)) is not None:
@@ -158,13 +178,38 @@ def pieces(files, field):
 
 
 def jsonl_text(line, field, where):
+    if b"\0" in line:  # no JSON has a NUL byte: UTF-16 (NUL after each ASCII character), or not text at all
+        raise DataError(f"{where} {NOT_UTF8_NUL}")
     try:
-        record = json.loads(line)
+        record = parse_json(line.decode("utf-8"))  # nested too deeply ([[[[...]]]]) is a JSONDecodeError too
     except ValueError as e:  # a JSONDecodeError, or a UnicodeDecodeError
         raise DataError(f"{where} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')}): fix or remove that line")
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
         raise DataError(f"{where} has no text in field {field!r}: every line needs one (or pass --text_field)")
     return record[field]
+
+
+def check_hub_reachable(name):
+    """Offline, huggingface_hub retries each request for half a minute before datasets fails: resolving the hub's host
+    name first says so at once. Skipped when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: a cached dataset is read
+    then, without the network."""
+    offline = [os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
+    if any(value in ("1", "ON", "YES", "TRUE") for value in offline):  # the libraries' own reading of them
+        return
+    host = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        if host:  # (an HF_ENDPOINT without a scheme has none: the hub library says what is wrong with it)
+            socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as e:  # socket.gaierror is an OSError; UnicodeError: a host name that is no name
+        raise DataError(f"cannot stream {name} from the Hugging Face hub (is this machine online?): cannot resolve "
+                        f"{host}: {getattr(e, 'strerror', None) or e}")
+
+
+def quiet_hub():
+    """The hub libraries log each retry of a failing request as a warning, ~10 lines before their error: only
+    errors are logged, so that the one line of hf_pieces() is what shows. (After the import: it sets their level.)"""
+    for library in ("huggingface_hub", "datasets"):
+        logging.getLogger(library).setLevel(logging.ERROR)
 
 
 def hf_pieces(args):
@@ -405,33 +450,82 @@ def complete_shards(args, config):
     return done, manifest.get("done", False) and len(done) == len(manifest["shards"])
 
 
+def estimated_val_tokens(n_bytes):
+    """The default --val_tokens: a tenth of the corpus, estimated from its bytes, at most MAX_VAL_TOKENS. A function of
+    the input files' sizes, which the manifest fingerprints: a rerun resolves it to the same number."""
+    return min(MAX_VAL_TOKENS, n_bytes // (BYTES_PER_TOKEN * 10))
+
+
+def resolve_val_tokens(args, files):
+    """--val_tokens, or its default for these files. A value the inputs cannot fill is refused before any work: it
+    would leave no training tokens, found only once the whole corpus was tokenized."""
+    n_bytes = sum(os.path.getsize(f) for f in files)
+    if args.val_tokens is None:
+        return estimated_val_tokens(n_bytes)
+    # Each token is at least a byte of text, and a text file's <|endoftext|> (its only token if it is empty) takes
+    # none; a JSONL line's <|endoftext|> is paid for by its braces and quotes. Parquet's bytes are compressed: no bound.
+    most = n_bytes + sum(f.endswith(TEXT_SUFFIXES) for f in files)
+    if args.val_tokens and most <= args.val_tokens and not any(f.endswith(".parquet") for f in files):
+        raise DataError(f"--val_tokens {args.val_tokens:,} leaves no training tokens: the inputs hold at most {most:,} "
+                        f"({n_bytes:,} bytes, a token at least one of them): pass a smaller --val_tokens, or none "
+                        f"for a tenth of the corpus")
+    return args.val_tokens
+
+
+def missing_folders(path):
+    """The folders of path that do not exist yet, deepest first: those os.makedirs(path) creates."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
 def prepare(args):
     if not args.inputs and not args.hf_dataset:
         raise DataError("no inputs: pass text, JSONL or Parquet files or folders of them, or --hf_dataset NAME")
     if args.inputs and args.hf_dataset:
         raise DataError("pass INPUT files or --hf_dataset, not both")
-    config = {"tokenizer": "gpt2", "dtype": "uint16", "text_field": args.text_field, "shard_tokens": args.shard_tokens,
-              "val_tokens": args.val_tokens, "text_piece": TEXT_PIECE}
     if args.hf_dataset:
         require("datasets", "--hf_dataset")
-        config["inputs"] = [args.hf_dataset, args.hf_config, args.hf_split]
-        stream = hf_pieces(args)
+        quiet_hub()
+        check_hub_reachable(args.hf_dataset)
+        args.val_tokens = MAX_VAL_TOKENS if args.val_tokens is None else args.val_tokens
+        inputs, stream = [args.hf_dataset, args.hf_config, args.hf_split], hf_pieces(args)
     else:
         files = input_files(args.inputs)
-        config["inputs"] = [os.path.abspath(p) for p in args.inputs]
+        args.val_tokens = resolve_val_tokens(args, files)
+        inputs, stream = [os.path.abspath(p) for p in args.inputs], pieces(files, args.text_field)
+    config = {"tokenizer": "gpt2", "dtype": "uint16", "text_field": args.text_field, "shard_tokens": args.shard_tokens,
+              "val_tokens": args.val_tokens, "text_piece": TEXT_PIECE, "inputs": inputs}
+    if not args.hf_dataset:
         listing = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
         # the files as they are now: an edited input no longer matches the shards made from it
         config["inputs_sha256"] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-        stream = pieces(files, args.text_field)
     shards, finished = complete_shards(args, config)
     if finished:
         remove(os.path.join(args.out_dir, JOURNAL))  # all in the manifest: a kill at the very end left it
         print(f"{args.out_dir}: all {len(shards)} shards are already complete", file=sys.stderr)
         return
+    created = missing_folders(args.out_dir)
     try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        raise write_error(args.out_dir, e)
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+        except OSError as e:
+            raise write_error(args.out_dir, e)
+        write_shards(args, config, shards, stream)
+    except BaseException:  # a failure, or Ctrl-C: the folders this run made go too, if it left them empty
+        for folder in created:
+            try:
+                os.rmdir(folder)  # only ever removes an empty folder
+            except OSError:
+                break
+        raise
+
+
+def write_shards(args, config, shards, stream):
+    """Tokenize the stream into shards in args.out_dir, after the complete `shards` (those of an earlier run)."""
+    started_empty = not shards
     # Extends shards as each completes. A shard's entry: file, tokens, bytes, and where the stream stands after it:
     # "pieces" it and the shards before hold whole, "skip_tokens" they hold of the next one (a straddling document).
     journal = Journal(args.out_dir, config, shards)
@@ -440,6 +534,13 @@ def prepare(args):
     if shards:
         print(f"{args.out_dir}: {len(shards)} shards complete, resuming after them", file=sys.stderr)
     shard, n_docs, n_tokens, t0, shown = None, 0, 0, time.time(), 0.0
+
+    def show_progress():
+        nonlocal shown
+        shown = time.time()
+        print(f"\r{n_docs:,} documents, {n_tokens:,} tokens, {n_tokens / max(shown - t0, 1e-6):,.0f} tokens/s",
+              end="", file=sys.stderr, flush=True)
+
     try:
         for tokens, lengths in encoded(itertools.islice(stream, n_pieces, None), args.workers):
             ends, used = np.cumsum(lengths), min(discard, len(tokens))  # used: tokens of this task consumed
@@ -460,10 +561,10 @@ def prepare(args):
             n_pieces += len(lengths)
             n_docs += int((tokens == EOT_TOKEN).sum())  # encode_ordinary never makes it: one per document
             n_tokens += len(tokens)
-            if time.time() - shown >= 1:
-                shown = time.time()
-                print(f"\r{n_docs:,} documents, {n_tokens:,} tokens, {n_tokens / (shown - t0):,.0f} tokens/s",
-                      end="", file=sys.stderr, flush=True)
+            if time.time() - shown >= 1:  # at most once a second
+                show_progress()
+        if n_tokens:
+            show_progress()  # the final figures: the last line shown may be up to a second old
         if shard is not None:  # the stream's last, shorter shard
             shards.append({**shard.close(), "pieces": n_pieces, "skip_tokens": 0})
             shard = None
@@ -478,8 +579,14 @@ def prepare(args):
     if not shards:
         raise DataError("the inputs hold no documents")
     if n_train == 0:
-        raise DataError(f"the inputs hold {n_val} tokens, all of them taken by the validation split (--val_tokens "
-                        f"{args.val_tokens}): rerun with a smaller --val_tokens and --overwrite")
+        why = (f"the inputs hold {n_val:,} tokens, all of them taken by the validation split (--val_tokens "
+               f"{args.val_tokens:,})")
+        if not started_empty:  # shards of an earlier run of this command: not this run's to delete
+            raise DataError(f"{why}: rerun with a smaller --val_tokens and --overwrite")
+        # All of them this run's: removed, so that the rerun with a smaller --val_tokens needs no --overwrite
+        for name in [s["file"] for s in shards] + [MANIFEST, JOURNAL]:
+            remove(os.path.join(args.out_dir, name))
+        raise DataError(f"{why}: rerun with a smaller --val_tokens (the shards this run wrote are removed)")
     journal.finish()
     print(f"{args.out_dir}: {len(shards)} shards, {n_val:,} validation and {n_train:,} training tokens",
           file=sys.stderr)

@@ -1,7 +1,9 @@
 import errno
 import json
+import logging
 import os
 import re
+import socket
 import sys
 
 import numpy as np
@@ -21,6 +23,20 @@ OPTIONS = ["--shard_tokens", "1000", "--val_tokens", "1500"]  # about 10,000 tok
 def small_tasks(monkeypatch):
     """Tasks of ~2,000 characters instead of 1M, so 2 workers share even a small corpus, and shards end mid-task."""
     monkeypatch.setattr(prepare, "TASK_CHARS", 2000)
+
+
+@pytest.fixture(autouse=True)
+def hub_host(monkeypatch):
+    """No test touches the network: a host name resolves (to no address: nothing connects to it), as if online. The
+    hub libraries' log levels, which --hf_dataset raises, are put back afterwards."""
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [])
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
 
 
 def documents(n=300):
@@ -300,7 +316,8 @@ def test_a_failed_write_is_one_line_naming_the_file_and_its_cause_and_leaves_no_
     err = messages(capsys)
     assert exit.value.code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: cannot write {tmp_path / 'out' / name}: {cause} (make room on the disk or pass")
-    assert not [name for name in os.listdir(tmp_path / "out") if name.endswith(".tmp")]
+    left = os.listdir(tmp_path / "out") if os.path.exists(tmp_path / "out") else []  # (removed if left empty)
+    assert not [name for name in left if name.endswith(".tmp")]
     run(tmp_path / "out", corpus)  # the disk has room again: the same command finishes the job
     run(tmp_path / "clean", corpus)
     assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "clean")
@@ -337,12 +354,143 @@ def test_bad_input_gets_one_line_and_no_shard(tmp_path, capsys, name, content, m
         path.mkdir()
     elif content is not None:
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(SystemExit) as exit:
-        run(tmp_path / "out", *([path] if name else []))
+    with pytest.raises(SystemExit) as exit:  # the default --val_tokens: 1,500 would be refused first, up front
+        run(tmp_path / "out", *([path] if name else []), options=["--shard_tokens", "1000"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert re.search(message, err), err
     assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") == []
+
+
+def one_line_error(capsys):
+    """The error line of a run that failed, after checking it is the only line but the progress line."""
+    err = messages(capsys)
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("name", ["windows.txt", "windows.jsonl"])
+def test_utf16_without_a_byte_order_mark_is_refused_in_one_line_before_any_shard_or_folder(tmp_path, capsys, name):
+    # ASCII text as UTF-16 without its byte-order mark: valid UTF-8, with a NUL after each character
+    text = "".join(json.dumps({"text": doc}) + "\r\n" for doc in documents(100))
+    (tmp_path / name).write_bytes(text.encode("utf-16-le"))
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path / "out", tmp_path / name)
+    where = f"{name} line 1" if name.endswith(".jsonl") else name
+    assert exit.value.code == 2 and f"{where} is not UTF-8 text (UTF-16, or binary: it has NUL bytes): convert it " \
+        f"to UTF-8, e.g. iconv -f UTF-16 -t UTF-8" in one_line_error(capsys)
+    assert not os.path.exists(tmp_path / "out")  # nothing written, not even the folder
+
+
+def test_a_stray_nul_in_a_text_file_is_text_as_in_train_py(tmp_path):
+    text = "".join(documents(100))
+    (tmp_path / "stray.txt").write_text(text[:1000] + "\0" + text[1000:], encoding="utf-8")  # under 1% NULs
+    run(tmp_path / "out", tmp_path / "stray.txt")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["done"]
+
+
+def test_a_utf8_byte_order_mark_is_dropped_from_text_files_and_jsonl_as_train_py_drops_it(tmp_path, corpus):
+    docs, folder = documents(), tmp_path / "corpus"
+    folder.mkdir()
+    for i, doc in enumerate(docs):  # Notepad's and PowerShell's UTF-8 starts with a byte-order mark
+        (folder / f"doc_{i:03d}.txt").write_bytes(b"\xef\xbb\xbf" + doc.encode("utf-8"))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + open(corpus, "rb").read())
+    run(tmp_path / "text", folder)
+    run(tmp_path / "bom_jsonl", tmp_path / "bom.jsonl")
+    run(tmp_path / "clean", corpus)
+    assert shard_bytes(tmp_path / "text") == shard_bytes(tmp_path / "bom_jsonl") == shard_bytes(tmp_path / "clean")
+    assert data.read_text(str(folder / "doc_000.txt"))[1] == docs[0]  # what train.py reads of such a file
+
+
+def test_jsonl_nested_too_deeply_is_the_one_line_invalid_json_error_not_a_recursion_traceback(tmp_path, capsys):
+    (tmp_path / "deep.jsonl").write_text(f"{GOOD}\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path / "out", tmp_path / "deep.jsonl", options=[])
+    assert exit.value.code == 2
+    assert "deep.jsonl line 2 is not valid JSON (nested too deeply): fix or remove that line" in one_line_error(capsys)
+
+
+def test_the_default_val_tokens_is_a_tenth_of_the_corpus_at_4_bytes_a_token_at_most_10m(tmp_path, corpus, capsys):
+    run(tmp_path / "out", corpus, options=["--shard_tokens", "1000"])  # was 10M: more than the corpus, refused
+    val_tokens = os.path.getsize(corpus) // 40
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["config"]["val_tokens"] == val_tokens
+    assert len(split_tokens(tmp_path / "out", "val")) == val_tokens and len(split_tokens(tmp_path / "out", "train"))
+    capsys.readouterr()
+    run(tmp_path / "out", corpus, options=["--shard_tokens", "1000"])  # the rerun resolves it alike
+    assert f"all {len(shard_names(tmp_path / 'out'))} shards are already complete" in capsys.readouterr().err
+    assert prepare.estimated_val_tokens(10**12) == 10_000_000
+    assert "if not given, a tenth of the corpus, estimated at 4 bytes a token" in " ".join(
+        prepare.build_parser().format_help().split())
+
+
+def test_a_val_tokens_the_inputs_cannot_fill_is_refused_up_front_and_nothing_is_written_or_removed(
+        tmp_path, corpus, capsys, monkeypatch):
+    run(tmp_path / "out", corpus)
+    before = shard_bytes(tmp_path / "out")
+    capsys.readouterr()
+    monkeypatch.setattr(prepare, "encode", lambda task: pytest.fail("tokenized"))
+    size = os.path.getsize(corpus)
+    for out in ("out", "fresh"):
+        with pytest.raises(SystemExit) as exit:  # --overwrite would delete the shards first
+            run(tmp_path / out, corpus, options=["--shard_tokens", "1000", "--val_tokens", str(size), "--overwrite"])
+        assert exit.value.code == 2 and (f"error: --val_tokens {size:,} leaves no training tokens: the inputs hold at "
+                                         f"most {size:,}") in one_line_error(capsys)
+    assert shard_bytes(tmp_path / "out") == before and not os.path.exists(tmp_path / "fresh")
+
+
+def test_empty_text_files_are_a_token_each_in_the_bound_on_val_tokens(tmp_path):
+    for i in range(3):
+        (tmp_path / f"empty_{i}.txt").write_bytes(b"")  # 0 bytes: 3 tokens, an <|endoftext|> each
+    run(tmp_path / "out", tmp_path, options=["--shard_tokens", "1000", "--val_tokens", "2"], workers=1)
+    assert list(split_tokens(tmp_path / "out", "val")) == [EOT] * 2 and list(split_tokens(tmp_path / "out", "train")) \
+        == [EOT]
+
+
+def test_a_run_left_with_no_training_tokens_removes_what_it_wrote_so_a_smaller_val_tokens_reruns_without_overwrite(
+        tmp_path, corpus, capsys):
+    n_tokens = len(expected_tokens(documents()))  # ~10,000: under the file's bytes, so not refused up front
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("not ours")
+    for out in ("kept", "fresh"):
+        with pytest.raises(SystemExit) as exit:
+            run(tmp_path / out, corpus, options=["--shard_tokens", "1000", "--val_tokens", str(n_tokens + 100)])
+        assert exit.value.code == 2 and one_line_error(capsys) == (
+            f"error: the inputs hold {n_tokens:,} tokens, all of them taken by the validation split (--val_tokens "
+            f"{n_tokens + 100:,}): rerun with a smaller --val_tokens (the shards this run wrote are removed)")
+    assert os.listdir(tmp_path / "kept") == ["notes.txt"] and not os.path.exists(tmp_path / "fresh")
+    run(tmp_path / "kept", corpus)  # a smaller --val_tokens, no --overwrite
+    assert len(split_tokens(tmp_path / "kept", "train")) == n_tokens - 1500
+
+
+def test_a_resumed_run_left_with_no_training_tokens_keeps_the_shards_an_earlier_run_completed(tmp_path, corpus,
+                                                                                            capsys, monkeypatch):
+    options = ["--shard_tokens", "1000", "--val_tokens", str(len(expected_tokens(documents())) + 100)]
+    encode, tasks = prepare.encode, []
+
+    def killed_at_task_8(task):
+        tasks.append(task)
+        if len(tasks) == 8:
+            raise KeyboardInterrupt
+        return encode(task)
+
+    with monkeypatch.context() as m, pytest.raises(SystemExit):
+        m.setattr(prepare, "encode", killed_at_task_8)
+        run(tmp_path / "out", corpus, workers=1, options=options)
+    earlier = shard_bytes(tmp_path / "out")
+    assert earlier and all(name.startswith("val") for name in earlier)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out", corpus, workers=1, options=options)
+    assert messages(capsys)[-1].endswith("rerun with a smaller --val_tokens and --overwrite")
+    assert earlier.items() <= shard_bytes(tmp_path / "out").items()
+
+
+def test_the_progress_line_ends_with_the_final_document_and_token_counts(tmp_path, corpus, capsys):
+    run(tmp_path / "out", corpus)  # in well under a second: the line was shown once, after the first task
+    progress = [line for line in capsys.readouterr().err.split("\n") if "documents" in line]
+    assert len(progress) == 1
+    final = progress[0].split("\r")[-1]
+    assert final.startswith(f"300 documents, {len(expected_tokens(documents())):,} tokens, "), progress
 
 
 @pytest.mark.parametrize("module, argv, message", [
@@ -389,7 +537,55 @@ def test_a_hugging_face_dataset_offline_gets_one_line(tmp_path, capsys, monkeypa
         run(tmp_path / "out", "--hf_dataset", "HuggingFaceFW/fineweb-edu")
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is this machine online?): Couldn't reach" in err
-    assert not shard_names(tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")  # no shard, nor the empty folder this run made
+
+
+def test_an_offline_machine_is_told_at_once_by_resolving_the_hub_before_any_folder(tmp_path, capsys, monkeypatch):
+    fake, asked = FakeDatasets(rows=[{"text": doc} for doc in documents()]), []
+
+    def unresolved(host, *args, **kwargs):
+        asked.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(socket, "getaddrinfo", unresolved)
+    for endpoint, host in [(None, "huggingface.co"), ("https://hf-mirror.example:8443", "hf-mirror.example")]:
+        if endpoint:
+            monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        with pytest.raises(SystemExit) as exit:
+            run(tmp_path / "out", "--hf_dataset", "HuggingFaceFW/fineweb-edu")
+        assert exit.value.code == 2 and one_line_error(capsys) == (
+            f"error: cannot stream HuggingFaceFW/fineweb-edu from the Hugging Face hub (is this machine online?): "
+            f"cannot resolve {host}: Name or service not known")
+        assert asked[-1] == host and fake.calls == [] and not os.path.exists(tmp_path / "out")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # a cached dataset is read without the network: not checked
+    run(tmp_path / "out", "--hf_dataset", "HuggingFaceFW/fineweb-edu")
+    assert len(asked) == 2 and len(fake.calls) == 1 and shard_names(tmp_path / "out")
+
+
+def test_the_hub_libraries_retry_warnings_are_silenced_so_our_one_line_is_all_that_shows(tmp_path, capsys,
+                                                                                        monkeypatch, caplog):
+    class Retrying(FakeDatasets):
+        def load_dataset(self, *args, **kwargs):  # as huggingface_hub's http_backoff and datasets log, offline
+            for name in ("huggingface_hub.utils._http", "datasets.load"):
+                logging.getLogger(name).warning("'[Errno 111] Connection refused' thrown; Retrying in 1s [Retry 1/5].")
+            return super().load_dataset(*args, **kwargs)
+
+    monkeypatch.setitem(sys.modules, "datasets", Retrying(error=ConnectionError("Couldn't reach it on the Hub")))
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out", "--hf_dataset", "HuggingFaceFW/fineweb-edu")
+    assert "Couldn't reach it on the Hub" in one_line_error(capsys)
+    assert not [record for record in caplog.records if "Retry" in record.getMessage()]
+
+
+def test_a_hugging_face_dataset_defaults_to_10m_validation_tokens_and_a_small_one_leaves_nothing(tmp_path, capsys,
+                                                                                               monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets(rows=[{"text": doc} for doc in documents()]))
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out", "--hf_dataset", "HuggingFaceFW/fineweb-edu", options=["--shard_tokens", "1000"])
+    assert "(--val_tokens 10,000,000): rerun with a smaller --val_tokens (the shards this run wrote are removed)" \
+        in one_line_error(capsys)
+    assert not os.path.exists(tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------------------------------------------
