@@ -8,7 +8,7 @@ Export a model to the Hugging Face format, for transformers, lm-evaluation-harne
 
 The directory gets config.json and model.safetensors (hf.save_pretrained), and GPT-2's tokenizer as vocab.json
 and merges.txt (hf.save_tokenizer), written from the repo's own tokenizer file, so it loads with AutoTokenizer too;
-its tokenizer_config.json carries the chat template train.py's chat data is rendered in (data.chat_template), so
+its tokenizer_config.json carries the chat template train.py's chat data is rendered in (tokenizer.chat_template), so
 tokenizer.apply_chat_template(messages) gives the tokens a chat-tuned model was trained on.
 
 A directory that already holds files is refused: Hugging Face loaders would read some stale ones (tokenizer.json,

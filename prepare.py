@@ -37,8 +37,9 @@ from collections import deque
 import numpy as np
 
 from cli import OneLineParser
-from data import EOT_TOKEN, SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_NAME, SHARD_VERSION, DataError, get_tokenizer, \
-    shard_tokens
+from data import SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_NAME, SHARD_VERSION, shard_tokens
+from files import DataError
+from tokenizer import EOT_TOKEN, get_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")  # a document per file; in a folder, other files (README, images, .json) are skipped
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
