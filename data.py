@@ -174,8 +174,9 @@ ALPACA_SPLIT_SEED = 0
 class ExampleLoader(Loader):
     """Fine-tuning on examples (Alpaca records, chat conversations): token sequences of which only some tokens are
     learned, the others (prompts, the template's own text) being context. A subclass's read_examples(path) yields
-    each record's (tokens, labelled: whether token j is a target, turn_ends: where it may be cut, see fit), and its
-    summary() is the line train.py prints; the examples kept are self.examples (uint16) and self.labelled (bool).
+    each record's (tokens, labelled: whether token j is a target, turn_ends: where it may be cut, see
+    fitting_length), and its summary() is the line train.py prints; the examples kept are self.examples (uint16) and
+    self.labelled (bool).
 
     Like TextLoader's, batches are a function of (seed, split, step, micro_step, rank): the training order is
     Loader.epoch_order's, each epoch a permutation of the examples drawn from (seed, epoch). Validation is 5% of
@@ -187,7 +188,7 @@ class ExampleLoader(Loader):
         self.path, self.examples, self.labelled = path, [], []
         self.n_truncated = self.n_dropped = 0
         for tokens, labelled, turn_ends in self.read_examples(path):
-            end = fit(labelled, turn_ends, seq_len)
+            end = fitting_length(labelled, turn_ends, seq_len)
             if end is None:
                 self.n_dropped += 1
                 continue
@@ -217,7 +218,7 @@ class ExampleLoader(Loader):
     def make_batch(self, split, ids):
         return self.pack(ids) if self.packing else self.collate(ids)
 
-    def targets(self, i):
+    def example_xy(self, i):
         """Example i as (x, y): its tokens but the last, and the next token wherever that is a target, IGNORE_INDEX
         elsewhere."""
         tokens = self.examples[i].astype(np.int64)
@@ -231,7 +232,7 @@ class ExampleLoader(Loader):
         x = np.full((len(ids), width), EOT_TOKEN, dtype=np.int64)
         y = np.full((len(ids), width), IGNORE_INDEX, dtype=np.int64)
         for row, i in enumerate(ids):
-            xi, yi = self.targets(i)
+            xi, yi = self.example_xy(i)
             x[row, : len(xi)], y[row, : len(yi)] = xi, yi
         return torch.from_numpy(x), torch.from_numpy(y), None
 
@@ -256,7 +257,7 @@ class ExampleLoader(Loader):
         for r, row in enumerate(rows):
             start = 0
             for i in row:
-                xi, yi = self.targets(i)
+                xi, yi = self.example_xy(i)
                 end = start + len(xi)
                 x[r, start:end], y[r, start:end], positions[r, start:end] = xi, yi, np.arange(len(xi))
                 start = end
@@ -291,9 +292,9 @@ def first_fit_decreasing(longest_first, lengths, width):
     return rows, width - min(room)
 
 
-def fit(labelled, turn_ends, seq_len):
-    """Where an example of len(labelled) tokens is cut so that it fits in a row (x holds seq_len tokens, y the
-    seq_len after them: seq_len + 1 in all): whole, else at the last turn end that fits, else within the first
+def fitting_length(labelled, turn_ends, seq_len):
+    """The length an example of len(labelled) tokens is cut to so that it fits in a row (x holds seq_len tokens, y
+    the seq_len after them: seq_len + 1 in all): whole, else at the last turn end that fits, else within the first
     reply, if that starts in time for a target; None (dropped) if no target fits."""
     if len(labelled) <= seq_len + 1:
         return len(labelled)

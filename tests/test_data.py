@@ -7,7 +7,7 @@ import torch
 
 import data
 from conftest import SHARED
-from data import AlpacaLoader, TextLoader, batch_rows, load_text_tokens
+from data import AlpacaLoader, TextLoader, batch_rows, fitting_length, load_text_tokens
 from files import DataError
 from tokenizer import EOT_TOKEN, alpaca_prompt, chat_tokens, get_tokenizer
 
@@ -367,6 +367,15 @@ def test_openai_and_sharegpt_conversations_give_the_same_tokens(tmp_path):
     for a, b, la, lb in zip(openai.examples, sharegpt.examples, openai.labelled, sharegpt.labelled, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(la, lb)
+
+
+def test_fitting_length_keeps_an_example_whole_else_cuts_at_a_turn_end_else_within_the_first_reply():
+    labelled = [False] * 4 + [True] * 3 + [False] * 3 + [True] * 3  # 13 tokens: two exchanges
+    turn_ends = [7, 13]
+    assert fitting_length(labelled, turn_ends, 12) == 13  # whole: x and y of a row span seq_len + 1 tokens
+    assert fitting_length(labelled, turn_ends, 11) == 7  # after the last reply that fits
+    assert fitting_length(labelled, turn_ends, 5) == 6  # within the first reply, which starts in time
+    assert fitting_length(labelled, turn_ends, 3) is None  # no target fits: dropped
 
 
 def test_a_conversation_too_long_is_cut_after_the_last_reply_that_fits(tmp_path):
