@@ -49,7 +49,8 @@ import torch
 
 import hf
 from checkpoint import CHECKPOINT, checksum, load_checkpoint, load_model, save_checkpoint
-from data import LOADERS, DataError, accumulation_steps
+from data import LOADERS, accumulation_steps
+from files import DataError
 from model import GPT, PRESETS, preset_config
 from cli import OneLineParser, UserError, add_device_flags, fraction, non_negative_int, positive_int, print_error
 from optim import local, optimizer_step

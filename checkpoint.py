@@ -17,8 +17,7 @@ import zlib
 import torch
 
 import hf
-from data import parse_json
-from files import HOST, WriteError, describe_write_failure, write_atomically
+from files import HOST, WriteError, describe_write_failure, parse_json, write_atomically
 from model import GPT, GPTConfig
 from cli import UserError
 from parallel import training_state

@@ -6,8 +6,6 @@ m on rank r trains on", never for "the next batch". That is what makes resuming 
 what makes the global batch the same however it is split into processes and micro-steps.
 """
 
-import base64
-import functools
 import hashlib
 import json
 import os
@@ -16,59 +14,11 @@ import re
 import numpy as np
 import torch
 
-from files import WriteError, write_atomically
+from files import DataError, WriteError, read_text, write_atomically
+from records import conversation, json_records_type, read_alpaca_records, read_json_records
+from tokenizer import EOT_TOKEN, IGNORE_INDEX, alpaca_prompt, chat_tokens, get_tokenizer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TOKENIZER_FILE = os.path.join(HERE, "gpt2.tiktoken")  # GPT-2's 50,256 BPE ranks, shipped so no download is needed
-EOT_TOKEN = 50256  # <|endoftext|>
-IGNORE_INDEX = -100  # the label the loss skips (F.cross_entropy's default ignore_index): prompt tokens and padding
 VAL_FRACTION = 0.1
-
-
-class DataError(Exception):
-    """A problem with the user's data: reported as one line, without a traceback."""
-
-
-@functools.lru_cache(maxsize=None)
-def get_tokenizer():
-    """GPT-2's tokenizer, built offline from the file in the repo; its ids are those of tiktoken's "gpt2"."""
-    import tiktoken
-    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenization regex, as tiktoken spells it
-
-    with open(TOKENIZER_FILE, "rb") as f:
-        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT_TOKEN},
-        explicit_n_vocab=EOT_TOKEN + 1,
-    )
-
-
-def read_text(path, kind="text file"):
-    """The file's text; a missing, empty or non-UTF-8 file is a DataError naming the fix (a `kind` of file)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DataError(f"dataset file {path} does not exist: pass an existing {kind} with --dataset_path")
-    except IsADirectoryError:
-        raise DataError(f"dataset path {path} is a directory: pass a {kind} with --dataset_path")
-    except OSError as e:
-        raise DataError(f"cannot read dataset file {path}: {e.strerror}")
-    if not raw.strip():
-        raise DataError(f"dataset file {path} is empty: it needs some text to train on")
-    # UTF-16 (Windows' "Unicode") is valid UTF-8 byte for byte when it is ASCII text with a NUL after each
-    # character: it would train, on noise. Text has no NUL bytes; a few percent of them is another encoding.
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw.count(b"\0") > len(raw) // 100:
-        raise DataError(f"dataset file {path} is not UTF-8 text (UTF-16, or binary: it has NUL bytes): convert it to "
-                        f"UTF-8, e.g. iconv -f UTF-16 -t UTF-8")
-    try:
-        # a UTF-8 byte-order mark (Notepad, PowerShell) is not text: dropped
-        return raw, raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        raise DataError(f"dataset file {path} is not UTF-8 text (bad byte at offset {e.start}): convert it to UTF-8")
 
 
 def load_text_tokens(path):
@@ -198,11 +148,9 @@ class TextLoader(Loader):
         self.splits = {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
         for split, split_tokens in self.splits.items():
             if len(split_tokens) < seq_len + 1:
-                raise DataError(
-                    f"{path} has {len(tokens)} tokens, so its {split} split ({len(split_tokens)} tokens) is shorter "
-                    f"than one sequence of --seq_len + 1 = {seq_len + 1} tokens: use a longer text or a smaller "
-                    f"--seq_len"
-                )
+                raise DataError(f"{path} has {len(tokens)} tokens, so its {split} split ({len(split_tokens)} tokens) "
+                                f"is shorter than one sequence of --seq_len + 1 = {seq_len + 1} tokens: use a longer "
+                                f"text or a smaller --seq_len")
 
     def global_batch(self, split, step):
         """The offsets of step's global batch's windows in the split."""
@@ -211,136 +159,24 @@ class TextLoader(Loader):
 
     def make_batch(self, split, offsets):
         """(x, y, None), x and y of shape (len(offsets), seq_len), y being x shifted one token left."""
-        window = self.splits[split][offsets[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
-        window = torch.from_numpy(window)
+        window = torch.from_numpy(self.splits[split][offsets[:, None] + np.arange(self.seq_len + 1)].astype(np.int64))
         return window[:, :-1].contiguous(), window[:, 1:].contiguous(), None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Alpaca instruction data: {"instruction", "input", "output"} records, trained on the response only.
+# Fine-tuning examples: Alpaca records and chat conversations, trained on their responses only.
 
 ALPACA_VAL_FRACTION = 0.05
 # The train/val split is drawn from this, not from --seed: trying another seed must not move examples between them.
 ALPACA_SPLIT_SEED = 0
 
-# Stanford Alpaca's PROMPT_DICT (tatsu-lab/stanford_alpaca, train.py), word for word.
-ALPACA_PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-
-
-def alpaca_prompt(instruction, input=""):
-    """The text the model is conditioned on, in training and in sampling alike: Stanford's template, then "\n".
-    Stanford ends the prompt at "### Response:" and lets the output follow directly; ending it with the newline
-    instead means the response always starts after the same "\n" token, and sampling never has to guess one."""
-    template = ALPACA_PROMPT_INPUT if input else ALPACA_PROMPT_NO_INPUT
-    return template.format(instruction=instruction, input=input) + "\n"
-
-
-def parse_json(text):
-    """json.loads(text), with JSON nested too deeply for Python's parser ([[[[...]]]]: a RecursionError) reported as
-    the invalid JSON it is here, a JSONDecodeError, so that every reader's one-line message covers it too."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise json.JSONDecodeError("nested too deeply", text, 0) from None
-
-
-def first_json_record(text):
-    """The first record of a JSON list or JSONL text (None when there is none), or a JSONDecodeError."""
-    try:
-        records = parse_json(text)
-    except json.JSONDecodeError:
-        records = parse_json(text.lstrip().split("\n", 1)[0])  # JSONL: one record per line
-    return records[0] if isinstance(records, list) and records else records
-
-
-def record_type(record):
-    """"alpaca" or "chat" for a record of either kind of fine-tuning data, else None."""
-    if not isinstance(record, dict):
-        return None
-    if "instruction" in record:
-        return "alpaca"
-    return "chat" if isinstance(record.get("messages", record.get("conversations")), list) else None
-
-
-def json_records_type(text):
-    """Whether a would-be text file is fine-tuning data: "alpaca", "chat" or None. Plain text rarely starts with
-    [ or {, so asking costs nothing."""
-    if text.lstrip()[:1] not in ("[", "{"):
-        return None
-    try:
-        return record_type(first_json_record(text))
-    except json.JSONDecodeError:
-        return None
-
-
-def read_json_records(path, kind):
-    """The records of a JSON list or JSONL file (one object per line, blank lines allowed) of `kind` ("alpaca" or
-    "chat"), and where each one is, for error messages: "line 12 of PATH" (JSONL) or "record 11 of PATH". A file
-    whose first record is of the other kind is refused, naming the --dataset_type it needs."""
-    example = {"alpaca": '{"instruction": "...", "input": "...", "output": "..."}',
-               "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'}
-    _, text = read_text(path, f"JSON or JSONL file of {kind} records")
-    try:
-        records = parse_json(text)
-        records = [records] if isinstance(records, dict) else records  # JSONL with a single line
-        places = [f"record {i} of {path}" for i in range(len(records))] if isinstance(records, list) else []
-    except json.JSONDecodeError as e:
-        if text.lstrip().startswith("["):  # a JSON list with a mistake in it: point at the mistake
-            raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): fix the file")
-        records, places = [], []
-        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
-            if not line.strip():
-                continue
-            try:
-                record = parse_json(line)
-            except json.JSONDecodeError as e:
-                if records or line.lstrip().startswith("{"):
-                    raise DataError(f"{path} line {lineno} is not valid JSON ({e.msg}): fix or remove that line")
-                record = None
-            if not records and not isinstance(record, dict):
-                raise DataError(f"{path} is neither JSON nor JSONL: {kind} data is a JSON list of records or one "
-                                f"JSON record per line; if it is plain text, use --dataset_type text")
-            records.append(record)
-            places.append(f"line {lineno} of {path}")
-    if not isinstance(records, list) or not records:
-        raise DataError(f"{path} holds no list of records: {kind} data is a non-empty JSON list of objects like "
-                        f"{example[kind]}")
-    other = record_type(records[0])
-    if other not in (None, kind):
-        raise DataError(f"{path} holds {other} records, not {kind} ones (its first is {json.dumps(records[0])[:60]}"
-                        f"...): use --dataset_type {other}")
-    for record, place in zip(records, places):
-        if not isinstance(record, dict):
-            raise DataError(f"{place} is not an object: each record is {example[kind]}")
-    return records, places
-
-
-def read_alpaca_records(path):
-    """The file's Alpaca records, checked."""
-    records, places = read_json_records(path, "alpaca")
-    for record, place in zip(records, places):
-        for key in ("instruction", "input", "output"):
-            if key not in record and key != "input":
-                raise DataError(f'{place} has no "{key}": every record needs "instruction" and "output" strings '
-                                f'("input" is optional)')
-            if key in record and not isinstance(record[key], str):
-                raise DataError(f'{place}: "{key}" is {json.dumps(record[key])[:40]}, not a string: make it a string')
-    return records
-
 
 class ExampleLoader(Loader):
     """Fine-tuning on examples (Alpaca records, chat conversations): token sequences of which only some tokens are
     learned, the others (prompts, the template's own text) being context. A subclass's read_examples(path) yields
-    each record's (tokens, labelled: whether token j is a target, turn_ends: where it may be cut, see fit), and its
-    summary() is the line train.py prints; the examples kept are self.examples (uint16) and self.labelled (bool).
+    each record's (tokens, labelled: whether token j is a target, turn_ends: where it may be cut, see
+    fitting_length), and its summary() is the line train.py prints; the examples kept are self.examples (uint16) and
+    self.labelled (bool).
 
     Like TextLoader's, batches are a function of (seed, split, step, micro_step, rank): the training order is
     Loader.epoch_order's, each epoch a permutation of the examples drawn from (seed, epoch). Validation is 5% of
@@ -349,11 +185,10 @@ class ExampleLoader(Loader):
 
     def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337, packing=False):
         super().__init__(seq_len, batch_size, accum_steps, rank, world_size, seed, packing)
-        self.path = path
-        self.examples, self.labelled = [], []
+        self.path, self.examples, self.labelled = path, [], []
         self.n_truncated = self.n_dropped = 0
         for tokens, labelled, turn_ends in self.read_examples(path):
-            end = fit(labelled, turn_ends, seq_len)
+            end = fitting_length(labelled, turn_ends, seq_len)
             if end is None:
                 self.n_dropped += 1
                 continue
@@ -383,7 +218,7 @@ class ExampleLoader(Loader):
     def make_batch(self, split, ids):
         return self.pack(ids) if self.packing else self.collate(ids)
 
-    def targets(self, i):
+    def example_xy(self, i):
         """Example i as (x, y): its tokens but the last, and the next token wherever that is a target, IGNORE_INDEX
         elsewhere."""
         tokens = self.examples[i].astype(np.int64)
@@ -397,7 +232,7 @@ class ExampleLoader(Loader):
         x = np.full((len(ids), width), EOT_TOKEN, dtype=np.int64)
         y = np.full((len(ids), width), IGNORE_INDEX, dtype=np.int64)
         for row, i in enumerate(ids):
-            xi, yi = self.targets(i)
+            xi, yi = self.example_xy(i)
             x[row, : len(xi)], y[row, : len(yi)] = xi, yi
         return torch.from_numpy(x), torch.from_numpy(y), None
 
@@ -422,7 +257,7 @@ class ExampleLoader(Loader):
         for r, row in enumerate(rows):
             start = 0
             for i in row:
-                xi, yi = self.targets(i)
+                xi, yi = self.example_xy(i)
                 end = start + len(xi)
                 x[r, start:end], y[r, start:end], positions[r, start:end] = xi, yi, np.arange(len(xi))
                 start = end
@@ -457,9 +292,9 @@ def first_fit_decreasing(longest_first, lengths, width):
     return rows, width - min(room)
 
 
-def fit(labelled, turn_ends, seq_len):
-    """Where an example of len(labelled) tokens is cut so that it fits in a row (x holds seq_len tokens, y the
-    seq_len after them: seq_len + 1 in all): whole, else at the last turn end that fits, else within the first
+def fitting_length(labelled, turn_ends, seq_len):
+    """The length an example of len(labelled) tokens is cut to so that it fits in a row (x holds seq_len tokens, y
+    the seq_len after them: seq_len + 1 in all): whole, else at the last turn end that fits, else within the first
     reply, if that starts in time for a target; None (dropped) if no target fits."""
     if len(labelled) <= seq_len + 1:
         return len(labelled)
@@ -488,106 +323,6 @@ class AlpacaLoader(ExampleLoader):
         return (f"{self.path}: {self.n_records} records -> {len(self.splits['train'])} train, "
                 f"{len(self.splits['val'])} val examples; {self.n_truncated} responses cut to --seq_len "
                 f"{self.seq_len}, {self.n_dropped} dropped (prompt longer than --seq_len)")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Chat: conversations of system, user and assistant messages, trained on the assistant's replies.
-#
-# The template is plain text in GPT-2's own vocabulary (no new tokens: OpenAI's weights fine-tune on it as they are,
-# and an exported model is a plain GPT-2), each message a header line and its text, <|endoftext|> starting the
-# conversation and ending each reply, where generation then stops:
-#
-#   <|endoftext|>System:\nBe brief.\n\nUser:\nHi!\n\nAssistant:\nHello.<|endoftext|>User:\n...
-#
-# Each message's text is stripped of the whitespace around it, as most chat templates do: the newline ending a header
-# is then always a token of its own, so the tokens of a conversation up to "Assistant:\n" (what sample.py feeds the
-# model before a reply) are exactly the first tokens of the conversation with the reply. This is the one definition:
-# chat_pieces renders it for training and sampling, chat_template writes it as the Jinja template that export.py
-# gives transformers, and a test holds the two to the same tokens.
-
-CHAT_HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n"}
-CHAT_ENDS = {"system": "\n\n", "user": "\n\n", "assistant": "<|endoftext|>"}
-CHAT_START = "<|endoftext|>"
-# the roles of OpenAI's "messages" ("role"/"content") and ShareGPT's "conversations" ("from"/"value"), as above
-CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
-CHAT_FORMATS = {"messages": ("role", "content"), "conversations": ("from", "value")}
-
-
-def chat_pieces(messages, add_generation_prompt=False):
-    """A conversation ([{"role", "content"}] with roles system, user, assistant) as the template's text, in pieces
-    (text, is_reply): is_reply marks each assistant message's text and the <|endoftext|> that ends it, the tokens
-    trained on. add_generation_prompt appends the header that asks for the assistant's next reply."""
-    pieces = [(CHAT_START, False)]
-    for message in messages:
-        role = message["role"]
-        pieces.append((CHAT_HEADERS[role], False))
-        pieces.append((message["content"].strip() + CHAT_ENDS[role], role == "assistant"))
-    if add_generation_prompt:
-        pieces.append((CHAT_HEADERS["assistant"], False))
-    return pieces
-
-
-def chat_tokens(messages, add_generation_prompt=False):
-    """(tokens, labelled, turn_ends) of a conversation: its template text's tokens, tokenized whole as a Hugging Face
-    tokenizer does (<|endoftext|> the special token), whether each is part of a reply, and the token counts at which
-    a reply ends (where a conversation may be cut)."""
-    tokenizer = get_tokenizer()
-    pieces = chat_pieces(messages, add_generation_prompt)
-    text = "".join(piece for piece, _ in pieces)
-    tokens = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
-    # the character each token starts at, against the pieces' spans
-    _, starts = tokenizer.decode_with_offsets(tokens)
-    bounds = np.cumsum([0] + [len(piece) for piece, _ in pieces])
-    piece_of = np.searchsorted(bounds, starts, side="right") - 1
-    is_reply = np.array([reply for _, reply in pieces])
-    labelled = is_reply[piece_of]
-    turn_ends = [int(np.searchsorted(starts, bounds[k + 1])) for k, (_, reply) in enumerate(pieces) if reply]
-    return tokens, labelled.tolist(), turn_ends
-
-
-def chat_template():
-    """The template as Jinja, for a Hugging Face tokenizer's chat_template: apply_chat_template(messages) gives the
-    tokens chat_tokens gives. Written from the constants above; every literal is a Jinja string expression, so the
-    trim_blocks and lstrip_blocks options transformers sets cannot touch its newlines."""
-    def literal(text):
-        return "{{ " + json.dumps(text) + " }}"
-    content = "{{ message['content'] | trim }}"
-    branches = [f"message['role'] == '{role}' %}}{literal(CHAT_HEADERS[role])}{content}{literal(CHAT_ENDS[role])}"
-                for role in CHAT_HEADERS]
-    return (literal(CHAT_START) + "{% for message in messages %}{% if " + "{% elif ".join(branches)
-            + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + literal(CHAT_HEADERS["assistant"])
-            + "{% endif %}")
-
-
-def conversation(record, place):
-    """A chat record (either format) as [{"role", "content"}], checked: known roles, string contents, at most one
-    system message and only first, at least one assistant message."""
-    key = next((key for key in CHAT_FORMATS if isinstance(record.get(key), list)), None)
-    if key is None:
-        if "instruction" in record:
-            raise DataError(f"{place} is an Alpaca record, not a conversation: use --dataset_type alpaca")
-        raise DataError(f'{place} has no "messages" list (OpenAI\'s format) or "conversations" list (ShareGPT\'s): '
-                        f"each record is one of them")
-    role_key, content_key = CHAT_FORMATS[key]
-    messages = []
-    for k, message in enumerate(record[key]):
-        where = f'{place}, {key}[{k}]'
-        if not isinstance(message, dict):
-            raise DataError(f'{where} is not an object: each message is {{"{role_key}": ..., "{content_key}": ...}}')
-        role = CHAT_ROLES.get(message.get(role_key))
-        if role is None:
-            raise DataError(f'{where} has "{role_key}" {json.dumps(message.get(role_key))[:40]}: the roles are '
-                            f'{", ".join(CHAT_ROLES)}')
-        content = message.get(content_key)
-        if not isinstance(content, str):
-            raise DataError(f'{where}: "{content_key}" is {json.dumps(content)[:40]}, not a string: make it a string')
-        if role == "system" and k > 0:
-            raise DataError(f"{where} is a system message after the first message: a conversation has at most one, "
-                            f"first")
-        messages.append({"role": role, "content": content})
-    if not any(message["role"] == "assistant" for message in messages):
-        raise DataError(f"{place} has no assistant message: a conversation needs at least one reply to learn from")
-    return messages
 
 
 class ChatLoader(ExampleLoader):

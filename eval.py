@@ -19,10 +19,11 @@ import sys
 
 
 from checkpoint import is_checkpoint, load_checkpoint, load_model
-from data import IGNORE_INDEX, LOADERS, DataError, ExampleLoader
+from data import LOADERS, ExampleLoader
+from tokenizer import IGNORE_INDEX
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag, windows
 from cli import OneLineParser, UserError, add_device_flags, non_negative_int, positive_int, print_error
-from files import write_atomically
+from files import DataError, write_atomically
 from runtime import setup_runtime
 
 

@@ -11,8 +11,8 @@ import os
 import numpy as np
 import torch
 
-from data import EOT_TOKEN, IGNORE_INDEX, DataError, get_tokenizer, parse_json
-from files import WriteError, describe_write_failure, write_atomically
+from files import DataError, WriteError, describe_write_failure, parse_json, write_atomically
+from tokenizer import EOT_TOKEN, IGNORE_INDEX, get_tokenizer
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,7 @@ Export a model to the Hugging Face format, for transformers, lm-evaluation-harne
 The directory gets config.json and model.safetensors (hf.save_pretrained), and GPT-2's tokenizer as vocab.json
 and merges.txt (hf.save_tokenizer), written from the repo's own tokenizer file, so it loads with AutoTokenizer too;
 for a model fine-tuned on chat data (a checkpoint of --dataset_type chat, or a Hugging Face directory that has one),
-its tokenizer_config.json carries the chat template that data was rendered in (data.chat_template), so
+its tokenizer_config.json carries the chat template that data was rendered in (tokenizer.chat_template), so
 tokenizer.apply_chat_template(messages) gives the tokens the model was trained on; other models get none, and
 transformers refuses chat messages for them rather than render a template they never saw.
 

@@ -1,4 +1,7 @@
 """
+Files in and out, at the bottom of the data stack (it imports only cli.py, so every module that reads users' data
+can raise its DataError).
+
 Writing files so that what is already on disk is never lost: every file the runs write (checkpoints, metrics, token
 caches) goes through here.
 
@@ -8,10 +11,14 @@ The new content goes to a temporary file of this process's own, is flushed to th
 renamed over the old file: a crash, a kill or a full disk at any moment leaves the old file or the new one, whole.
 A failed write removes its temporary file and raises WriteError, one line saying which file, why and what to do.
 Temporaries left by a killed process (whose pid is gone) are removed by the next write of the same file.
+
+Reading the user's files: read_text refuses a missing, empty or non-UTF-8 file with a DataError naming the fix, and
+parse_json makes JSON nested too deeply one more JSONDecodeError, which every reader reports in its one line.
 """
 
 import errno
 import glob
+import json
 import os
 import shutil
 import socket
@@ -19,6 +26,10 @@ import socket
 from cli import UserError
 
 HOST = socket.gethostname()
+
+
+class DataError(UserError):
+    """A problem with the user's data (a text, records, shards, HellaSwag's file): one line, without a traceback."""
 
 
 class WriteError(UserError):
@@ -117,3 +128,41 @@ def process_alive(pid):
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the user's files
+
+def read_text(path, kind="text file"):
+    """(bytes, text) of the file; a missing, empty or non-UTF-8 file is a DataError naming the fix (a `kind` of
+    file)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"dataset file {path} does not exist: pass an existing {kind} with --dataset_path")
+    except IsADirectoryError:
+        raise DataError(f"dataset path {path} is a directory: pass a {kind} with --dataset_path")
+    except OSError as e:
+        raise DataError(f"cannot read dataset file {path}: {e.strerror}")
+    if not raw.strip():
+        raise DataError(f"dataset file {path} is empty: it needs some text to train on")
+    # UTF-16 (Windows' "Unicode") is valid UTF-8 byte for byte when it is ASCII text with a NUL after each
+    # character: it would train, on noise. Text has no NUL bytes; a few percent of them is another encoding.
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw.count(b"\0") > len(raw) // 100:
+        raise DataError(f"dataset file {path} is not UTF-8 text (UTF-16, or binary: it has NUL bytes): convert it to "
+                        f"UTF-8, e.g. iconv -f UTF-16 -t UTF-8")
+    try:
+        # a UTF-8 byte-order mark (Notepad, PowerShell) is not text: dropped
+        return raw, raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise DataError(f"dataset file {path} is not UTF-8 text (bad byte at offset {e.start}): convert it to UTF-8")
+
+
+def parse_json(text):
+    """json.loads(text), with JSON nested too deeply for Python's parser ([[[[...]]]]: a RecursionError) reported as
+    the invalid JSON it is here, a JSONDecodeError, so that every reader's one-line message covers it too."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None

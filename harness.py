@@ -24,8 +24,8 @@ from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
 from cli import UserError, first_line
-from data import EOT_TOKEN, IGNORE_INDEX, get_tokenizer
 from evaluation import windows
+from tokenizer import EOT_TOKEN, IGNORE_INDEX, get_tokenizer
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 

@@ -13,8 +13,8 @@ from dataclasses import replace
 
 import torch
 
-from data import EOT_TOKEN, chat_template, get_tokenizer
 from model import GPT, GPTConfig
+from tokenizer import EOT_TOKEN, chat_template, get_tokenizer
 
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from data import IGNORE_INDEX  # the label the loss skips: prompt tokens and padding (data.py writes them)
+from tokenizer import IGNORE_INDEX  # the label the loss skips: prompt tokens and padding (data.py writes them)
 
 
 @dataclass

@@ -40,9 +40,9 @@ from collections import deque
 import numpy as np
 
 from cli import OneLineParser
-from data import EOT_TOKEN, SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_NAME, SHARD_VERSION, DataError, get_tokenizer, \
-    shard_tokens
-from data import parse_json
+from data import SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_NAME, SHARD_VERSION, shard_tokens
+from files import DataError, parse_json
+from tokenizer import EOT_TOKEN, get_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")  # a document per file; in a folder, other files (README, images, .json) are skipped
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
@@ -58,7 +58,7 @@ MAX_SHARD_TOKENS = 2**31 - 1  # a shard's header counts its tokens in an int32
 BYTES_PER_TOKEN = 4  # about what a GPT-2 token takes of English text: the default --val_tokens estimates with it
 MAX_VAL_TOKENS = 10_000_000  # the default --val_tokens at most, and for a Hugging Face dataset (its size unknown)
 NOT_UTF8_NUL = ("is not UTF-8 text (UTF-16, or binary: it has NUL bytes): convert it to UTF-8, e.g. iconv -f UTF-16 "
-                "-t UTF-8")  # as data.read_text says it of train.py's text files
+                "-t UTF-8")  # as files.read_text says it of train.py's text files
 
 
 def bounded_int(low, high=None, why=""):

@@ -12,7 +12,7 @@ Generate text from a trained model, printing tokens as they come.
 A sample ends at <|endoftext|> or after --max_new_tokens. Past the model's context the window slides (see
 GPT.generate_stream), so any length can be asked for.
 
---chat reads the user's turns from stdin, one a line, and answers each in data.py's chat template until the input
+--chat reads the user's turns from stdin, one a line, and answers each in tokenizer.py's chat template until the input
 ends. The conversation stays in one KV cache from turn to turn: each turn feeds the model only its own new tokens
 (bench.py --chat measures it). When a turn would not fit in the model's context, the oldest exchanges are dropped
 (the system message stays) and the cache is filled again from what is kept.
@@ -26,11 +26,11 @@ import sys
 import torch
 
 from checkpoint import load_model, trained_on
-from data import EOT_TOKEN, alpaca_prompt, chat_tokens, get_tokenizer
 from model import GPT, KVCache
 from cli import (OneLineParser, UserError, add_device_flags, non_negative_float, non_negative_int, positive_int,
                  print_error, probability)
 from runtime import setup_runtime
+from tokenizer import EOT_TOKEN, alpaca_prompt, chat_tokens, get_tokenizer
 
 
 def build_parser():
@@ -44,7 +44,7 @@ def build_parser():
     a("--instruction", help="for models fine-tuned on Alpaca data: wrap this (and --input) in the Alpaca template "
       "the model was trained with, and print only the response")
     a("--input", default="", help="with --instruction: the context of the task, if any")
-    a("--chat", action="store_true", help="a conversation in the chat template (data.py) of a model fine-tuned on "
+    a("--chat", action="store_true", help="a conversation in the chat template (tokenizer.py) of a model fine-tuned on "
       "chat data: each line of stdin is a user's turn, each reply printed as it comes, until the input ends")
     a("--system", help="with --chat: the system message that starts the conversation")
     a("--max_new_tokens", type=positive_int, default=200, help="tokens to generate per sample, at most")
@@ -134,7 +134,7 @@ def stream_sample(model: GPT, prompt_tokens, args, rt, generator):
 
 
 class Chat:
-    """A conversation with the model in data.py's chat template, whose tokens stay in one KVCache from turn to turn:
+    """A conversation with the model in the chat template (tokenizer.py), its tokens in one KVCache from turn to turn:
     each turn feeds the model only what the cache lacks (the user's turn, and the end of the last reply), so the
     tenth turn costs about what the first does. keep_cache=False feeds the whole conversation every turn instead
     (the same replies, for bench.py --chat to compare).

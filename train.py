@@ -26,8 +26,9 @@ from checkpoint import (CHECKPOINT, METRICS, MetricsLog, claim_out_dir, load_che
                         trained_with)
 from cli import (OneLineParser, UserError, add_device_flags, first_line, fraction, non_negative_float, non_negative_int,
                  positive_float, positive_int, print_error)
-from data import (EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, ExampleLoader, Loader, accumulation_steps,
-                  get_tokenizer)
+from data import LOADERS, ExampleLoader, Loader, accumulation_steps
+from files import DataError
+from tokenizer import EOT_TOKEN, IGNORE_INDEX, get_tokenizer
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
 from measure import Throughput, device_memory_bytes, memory_estimate
 from model import GPT, PRESETS, GPTConfig, preset_config

@@ -31,7 +31,7 @@ def test_the_command_line_conventions_load_without_torch():
     assert subprocess.run([sys.executable, "-c", check], cwd=REPO).returncode == 0
 
 
-@pytest.mark.parametrize("name", ["data.py", "files.py", "cli.py"])
+@pytest.mark.parametrize("name", ["data.py", "records.py", "tokenizer.py", "files.py", "cli.py"])
 def test_data_and_files_know_nothing_of_devices_or_processes(name):
     tree = ast.parse(open(os.path.join(REPO, name), encoding="utf-8").read())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}

@@ -6,30 +6,10 @@ import pytest
 import torch
 
 import data
-from conftest import REPO, SHARED
-from data import AlpacaLoader, DataError, TextLoader, alpaca_prompt, batch_rows, get_tokenizer, load_text_tokens
-
-TIKTOKEN_CACHE = os.path.join(SHARED, "tiktoken_cache")
-
-
-def test_tokenizer_works_offline_with_gpt2_ids():
-    tokenizer = get_tokenizer()
-    assert tokenizer.n_vocab == 50257
-    assert tokenizer.encode_ordinary("Hello world") == [15496, 995]
-    assert tokenizer.encode("<|endoftext|>", allowed_special="all") == [data.EOT_TOKEN]
-
-
-@pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE), reason="needs tiktoken's own GPT-2 files in ../shared")
-def test_tokenizer_ids_equal_tiktokens_gpt2_encoding(monkeypatch):
-    import tiktoken
-
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
-    reference = tiktoken.get_encoding("gpt2")
-    with open(os.path.join(REPO, "input.txt"), encoding="utf-8") as f:
-        text = f.read(200_000)
-    text += " naïve café 東京 🙂 'll 've\n\n\t  trailing   \r\n 12345 $%^&"
-    assert get_tokenizer().encode_ordinary(text) == reference.encode_ordinary(text)
-    assert get_tokenizer().decode(reference.encode_ordinary(text)) == text
+from conftest import SHARED
+from data import AlpacaLoader, TextLoader, batch_rows, fitting_length, load_text_tokens
+from files import DataError
+from tokenizer import EOT_TOKEN, alpaca_prompt, chat_tokens, get_tokenizer
 
 
 def test_token_cache_is_reused_then_rebuilt_when_the_file_changes(small_text, monkeypatch):
@@ -124,20 +104,6 @@ def test_batch_rows_partition_the_global_batch():
     assert sorted(rows) == list(range(60))
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [(None, "does not exist"), (b"", "is empty"), (b"  \n", "is empty"), (b"caf\xe9 latin-1", "not UTF-8"),
-     ("To be, or not to be".encode("utf-16-le"), "UTF-16"),  # no byte-order mark: valid UTF-8, NULs between letters
-     ("To be, or not to be".encode("utf-16"), "UTF-16"), (b"\0" * 1000 + b"text", "NUL bytes")],
-)
-def test_unusable_dataset_files_are_named(tmp_path, content, message):
-    path = tmp_path / "data.txt"
-    if content is not None:
-        path.write_bytes(content)
-    with pytest.raises(DataError, match=message):
-        load_text_tokens(str(path))
-
-
 def test_a_text_shorter_than_one_sequence_is_rejected(tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("To be, or not to be, that is the question. " * 5)
@@ -179,18 +145,6 @@ def global_responses(path, split, step, world_size=1, accum_steps=1, batch_size=
     return [r for start in sorted(rows) for r in rows[start]]
 
 
-def test_alpaca_prompt_is_stanfords_template_then_a_newline():
-    assert alpaca_prompt("Add 2 and 3.") == (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n"
-    )
-    assert alpaca_prompt("Translate to French.", "Good {morning}") == (
-        "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
-        "response that appropriately completes the request.\n\n### Instruction:\nTranslate to French.\n\n### Input:\n"
-        "Good {morning}\n\n### Response:\n"
-    )
-
-
 def test_labels_ignore_prompt_and_padding_and_supervise_response_and_eot(tmp_path):
     recs = records(6)
     recs[2]["output"] = "A much longer answer, so that the other rows of its micro-batch are padded. " * 3
@@ -202,10 +156,10 @@ def test_labels_ignore_prompt_and_padding_and_supervise_response_and_eot(tmp_pat
     assert x.shape[1] == max(len(t) for t in loader.examples) - 1  # padded to the longest row, not to seq_len
     for row_x, row_y, i in zip(x.numpy(), y.numpy(), loader.global_batch("train", 0)):
         prompt = tokenizer.encode_ordinary(alpaca_prompt(recs[i]["instruction"], recs[i]["input"]))
-        response = tokenizer.encode_ordinary(recs[i]["output"]) + [data.EOT_TOKEN]
+        response = tokenizer.encode_ordinary(recs[i]["output"]) + [EOT_TOKEN]
         n = len(prompt) + len(response)
         np.testing.assert_array_equal(row_x[: n - 1], (prompt + response)[:-1])
-        assert (row_x[n - 1 :] == data.EOT_TOKEN).all()
+        assert (row_x[n - 1 :] == EOT_TOKEN).all()
         assert (row_y[: len(prompt) - 1] == -100).all() and (row_y[n - 1 :] == -100).all()
         np.testing.assert_array_equal(row_y[len(prompt) - 1 : n - 1], response)
         assert tokenizer.decode(row_y[row_y != -100].tolist()) == recs[i]["output"] + "<|endoftext|>"
@@ -310,35 +264,15 @@ def test_targets_in_step_counts_the_supervised_tokens_of_the_whole_global_batch(
     assert text.targets_in_step("train", 0) == sum(supervised(text, "train", 0, m) for m in range(3))
 
 
-GOOD = '{"instruction": "a", "output": "b"}'
-
-
 @pytest.mark.parametrize(
     "content, message",
-    [
-        (None, "does not exist: pass an existing JSON or JSONL file"),
-        ("To be, or not to be.\n{that is the question}\n", "neither JSON nor JSONL.*use --dataset_type text"),
-        (f"[{GOOD},\n {GOOD}\n {GOOD}]", "not valid JSON .*line 3"),
-        (f"{GOOD}\n\n{{instruction: c}}\n", "line 3 is not valid JSON"),
-        ('{"instruction": "a", "output": "b",}\n' + GOOD, "line 1 is not valid JSON"),
-        ("7", "holds no list of records"),
-        ("[]", "holds no list of records"),
-        (f"[{GOOD}, 7]", "record 1 of .* is not an object"),
-        (f'[{GOOD}, {GOOD}, {{"instruction": "c"}}]', 'record 2 of .* has no "output"'),
-        (f'{GOOD}\n{{"output": "c"}}', 'line 2 of .* has no "instruction"'),
-        ('[{"instruction": "a", "output": 5}]', 'record 0 of .*: "output" is 5, not a string'),
-        (f'[{GOOD}, {{"instruction": "a", "input": null, "output": "b"}}]', 'record 1 of .*: "input" is null'),
-        (f"[{GOOD}]", "1 usable example .* at least 2 are needed"),
-        (json.dumps([{"instruction": "word " * 100, "output": "b"}] * 2), "no room for a response: use a larger"),
-        ("[" * 100_000 + "]" * 100_000, r"not valid JSON \(nested too deeply"),  # deeper than Python's parser goes
-        (f'{GOOD}\n{{"instruction": "a", "output": {"[" * 50_000 + "]" * 50_000}}}',
-         r"line 2 is not valid JSON \(nested"),
-    ],
+    [('[{"instruction": "a", "output": "b"}]', "1 usable example .* at least 2 are needed"),
+     (json.dumps([{"instruction": "word " * 100, "output": "b"}] * 2), "no room for a response: use a larger")],
 )
-def test_bad_alpaca_data_is_named_with_its_fix(tmp_path, content, message):
+def test_alpaca_data_with_too_few_usable_examples_is_named_with_its_fix(tmp_path, content, message):
+    # (the records' own problems are records.py's: tests/test_records.py)
     path = tmp_path / "data.json"
-    if content is not None:
-        path.write_text(content, encoding="utf-8")
+    path.write_text(content, encoding="utf-8")
     with pytest.raises(DataError, match=message):
         AlpacaLoader(str(path), 64, 1, 1)
 
@@ -376,13 +310,6 @@ def test_a_text_too_big_for_memory_in_every_process_points_to_prepare_py(small_t
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     with pytest.raises(DataError, match=r"too big for text mode.*8 process.*prepare\.py .* --dataset_type shards"):
         load_text_tokens(small_text)
-
-
-def test_an_alpaca_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
-    path = tmp_path / "records.json"  # as Notepad and PowerShell write UTF-8
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": "Add 2 and 2.", "output": "4"}] * 40).encode())
-    loader = AlpacaLoader(str(path), seq_len=64, batch_size=2, accum_steps=1)
-    assert loader.n_records == 40
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,22 +369,18 @@ def test_openai_and_sharegpt_conversations_give_the_same_tokens(tmp_path):
         np.testing.assert_array_equal(la, lb)
 
 
-def test_the_tokens_before_a_reply_are_a_prefix_of_the_conversation_with_it():
-    # what sample.py --chat feeds the model before a reply is what the model was trained on up to that reply,
-    # whatever whitespace or punctuation the messages start and end with
-    messages = [{"role": "system", "content": " Be brief.\n"}, {"role": "user", "content": "\n\n  ¿Qué tal? 東京"},
-                {"role": "assistant", "content": "\n:) Bien, gracias.  "}, {"role": "user", "content": "::x "},
-                {"role": "assistant", "content": "   !!yes"}]
-    whole, labelled, _ = data.chat_tokens(messages)
-    for k in (2, 4):
-        prompt, prompt_labelled, _ = data.chat_tokens(messages[:k], add_generation_prompt=True)
-        assert whole[: len(prompt)] == prompt and prompt_labelled == labelled[: len(prompt)]
-        assert labelled[len(prompt)] and not labelled[len(prompt) - 1]  # the reply starts right after
+def test_fitting_length_keeps_an_example_whole_else_cuts_at_a_turn_end_else_within_the_first_reply():
+    labelled = [False] * 4 + [True] * 3 + [False] * 3 + [True] * 3  # 13 tokens: two exchanges
+    turn_ends = [7, 13]
+    assert fitting_length(labelled, turn_ends, 12) == 13  # whole: x and y of a row span seq_len + 1 tokens
+    assert fitting_length(labelled, turn_ends, 11) == 7  # after the last reply that fits
+    assert fitting_length(labelled, turn_ends, 5) == 6  # within the first reply, which starts in time
+    assert fitting_length(labelled, turn_ends, 3) is None  # no target fits: dropped
 
 
 def test_a_conversation_too_long_is_cut_after_the_last_reply_that_fits(tmp_path):
     recs = conversations(4, exchanges=4)
-    tokens, labelled, ends = data.chat_tokens(recs[0]["messages"])
+    tokens, labelled, ends = chat_tokens(recs[0]["messages"])
     seq_len = ends[1] + 5  # two exchanges and a bit of the third fit
     loader = data.ChatLoader(write_json(tmp_path, recs), seq_len, batch_size=1, accum_steps=1)
     assert loader.n_truncated == 4 and loader.n_dropped == 0
@@ -470,39 +393,19 @@ def test_a_conversation_too_long_is_cut_after_the_last_reply_that_fits(tmp_path)
         data.ChatLoader(write_json(tmp_path, recs), first_reply - 1, batch_size=1, accum_steps=1)
 
 
-CHAT = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}'
-
-
 @pytest.mark.parametrize(
     "content, message",
-    [
-        ("", "is empty"),
-        (f'[{CHAT}, {{"messages": [{{"role": "robot", "content": "x"}}]}}]',
-         r'record 1 of \S+, messages\[0\] has "role" "robot": the roles are system, user, assistant'),
-        (f'{CHAT}\n\n{{"messages": [{{"role": "user", "content": "Hi"}}]}}',
-         "line 3 of .* has no assistant message"),
-        (f'[{CHAT}, {{"messages": [{{"role": "user", "content": ["a", "b"]}}]}}]',
-         r'record 1 of .*messages\[0\]: "content" is \["a", "b"\], not a string'),
-        (f'[{CHAT}, {{"conversations": [{{"from": "human", "value": null}}]}}]', '"value" is null, not a string'),
-        ('[{"messages": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, '
-         '{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]',
-         r"messages\[1\] is a system message after the first"),
-        ('[{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, '
-         '{"role": "assistant", "content": "d"}]}]', r"messages\[1\] is a system message after the first"),
-        ('[{"instruction": "a", "output": "b"}]', "holds alpaca records, not chat ones .*use --dataset_type alpaca"),
-        (f'[{CHAT}, {{"instruction": "a", "output": "b"}}]', "record 1 of .* is an Alpaca record.*alpaca"),
-        (f'[{CHAT}, {{"text": "a"}}]', 'record 1 of .* has no "messages" list'),
-        (f"[{CHAT}, 7]", "record 1 of .* is not an object"),
-    ],
+    [("", "is empty"),
+     ('[{"messages": [{"role": "robot", "content": "x"}]}]', r'record 0 of \S+, messages\[0\] has "role" "robot"')],
 )
-def test_bad_chat_data_is_one_line_naming_the_record_and_the_fix(tmp_path, content, message):
+def test_bad_chat_data_stops_the_chat_loader_in_one_line_with_nothing_written(tmp_path, content, message):
     path = tmp_path / "chat.json"
     path.write_text(content, encoding="utf-8")
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(DataError, match=message) as error:
         data.ChatLoader(str(path), 64, batch_size=1, accum_steps=1)
     assert "\n" not in str(error.value)
-    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+    assert sorted(os.listdir(tmp_path)) == before  # no token cache or anything else
 
 
 def test_chat_records_given_as_alpaca_or_text_name_the_dataset_type_they_need(tmp_path):

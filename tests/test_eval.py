@@ -10,9 +10,9 @@ import torch.nn.functional as F
 import eval as eval_script
 import train
 from checkpoint import save_checkpoint
-from data import get_tokenizer
 from model import GPT, GPTConfig
 from test_evaluation import write_hellaswag
+from tokenizer import get_tokenizer
 
 
 def save_random_model(path, block_size=32):

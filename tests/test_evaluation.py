@@ -5,11 +5,12 @@ import torch
 import torch.nn as nn
 import pytest
 
-from data import EOT_TOKEN, DataError, get_tokenizer
 import evaluation
 from evaluation import hellaswag_accuracy, load_hellaswag, token_byte_lengths
+from files import DataError
 from model import GPT, GPTConfig
 from runtime import Runtime, setup_runtime
+from tokenizer import EOT_TOKEN, get_tokenizer
 
 
 def test_endoftext_has_no_bytes_and_other_tokens_their_text_s():

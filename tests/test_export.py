@@ -10,8 +10,8 @@ import export
 import hf
 from checkpoint import save_checkpoint
 from conftest import REPO
-from data import chat_tokens, get_tokenizer
 from model import GPT, GPTConfig
+from tokenizer import chat_tokens, get_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

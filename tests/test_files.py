@@ -1,4 +1,5 @@
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import torch
 
 import files
 from checkpoint import load_checkpoint, save_checkpoint
-from files import WriteError, write_atomically
+from cli import UserError
+from files import DataError, WriteError, parse_json, read_text, write_atomically
 from model import GPT, GPTConfig
 
 
@@ -53,3 +55,36 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
         open(name, "w").close()
     write_atomically(path, lambda f: f.write(b"new"))
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in [path, *kept])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the user's files
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "does not exist"), (b"", "is empty"), (b"  \n", "is empty"), (b"caf\xe9 latin-1", "not UTF-8"),
+     ("To be, or not to be".encode("utf-16-le"), "UTF-16"),  # no byte-order mark: valid UTF-8, NULs between letters
+     ("To be, or not to be".encode("utf-16"), "UTF-16"), (b"\0" * 1000 + b"text", "NUL bytes")],
+)
+def test_unusable_dataset_files_are_named(tmp_path, content, message):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_text(str(path))
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path):
+    path = tmp_path / "notepad.txt"  # as Notepad and PowerShell write UTF-8
+    path.write_bytes(b"\xef\xbb\xbfTo be")
+    assert read_text(str(path)) == (b"\xef\xbb\xbfTo be", "To be")
+
+
+def test_json_nested_too_deeply_is_invalid_json_not_a_recursion_error():
+    assert parse_json('{"a": [1, 2]}') == {"a": [1, 2]}
+    with pytest.raises(json.JSONDecodeError, match="nested too deeply"):
+        parse_json("[" * 100_000 + "]" * 100_000)
+
+
+def test_a_data_error_is_a_user_error_so_every_script_reports_it_in_one_line():
+    assert issubclass(DataError, UserError)

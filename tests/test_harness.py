@@ -9,10 +9,10 @@ import torch
 import eval as eval_script
 from checkpoint import save_checkpoint
 from conftest import REPO
-from data import EOT_TOKEN, get_tokenizer
 from evaluation import evaluate, windows
 from model import GPT, GPTConfig
 from runtime import Runtime
+from tokenizer import EOT_TOKEN, get_tokenizer
 
 harness = pytest.importorskip("harness", exc_type=ImportError)  # needs lm-eval
 

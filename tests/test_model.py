@@ -1,4 +1,6 @@
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import model as model_module
+from conftest import REPO
 from model import GPT, PRESETS, GPTConfig, KVCache, cross_entropy, filter_logits
 from measure import peak_memory_bytes
 from runtime import Runtime
@@ -24,6 +27,13 @@ def test_released_presets_have_openai_gpt2_parameter_counts(preset, expected):
     with torch.device("meta"):  # shapes only: no memory, no time
         model = GPT(GPTConfig(**PRESETS[preset]))
     assert model.num_params() == expected
+
+
+def test_the_model_imports_nothing_of_data_files_or_flags():
+    # model.py knows nothing of files or flags: the one label it needs, IGNORE_INDEX, comes from tokenizer.py, which
+    # imports no project module
+    check = "import model, sys; assert not {'data', 'records', 'files', 'cli'} & sys.modules.keys(), sys.modules.keys()"
+    assert subprocess.run([sys.executable, "-c", check], cwd=REPO).returncode == 0
 
 
 def test_input_embedding_and_output_layer_share_one_parameter():

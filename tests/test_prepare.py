@@ -11,11 +11,13 @@ import pytest
 import torch
 
 import data
+import files
 import prepare
 from conftest import REPO
-from data import DataError, ShardLoader, batch_rows, get_tokenizer, shuffled_index
+from data import ShardLoader, batch_rows, shuffled_index
+from files import DataError
+from tokenizer import EOT_TOKEN, get_tokenizer
 
-EOT = data.EOT_TOKEN
 OPTIONS = ["--shard_tokens", "1000", "--val_tokens", "1500"]  # about 10,000 tokens: 2 val shards, 9 train shards
 
 
@@ -49,7 +51,7 @@ def documents(n=300):
 
 
 def expected_tokens(docs):
-    return np.array([t for doc in docs for t in [EOT] + get_tokenizer().encode_ordinary(doc)])
+    return np.array([t for doc in docs for t in [EOT_TOKEN] + get_tokenizer().encode_ordinary(doc)])
 
 
 def write_jsonl(path, docs):
@@ -140,7 +142,7 @@ def test_a_long_text_file_tokenized_in_pieces_gives_the_tokens_of_the_whole(tmp_
     (tmp_path / "play.txt").write_text(text, encoding="utf-8", newline="")
     run(tmp_path / "out", tmp_path / "play.txt")
     tokens = np.concatenate([split_tokens(tmp_path / "out", "val"), split_tokens(tmp_path / "out", "train")])
-    np.testing.assert_array_equal(tokens, [EOT] + get_tokenizer().encode_ordinary(text))
+    np.testing.assert_array_equal(tokens, [EOT_TOKEN] + get_tokenizer().encode_ordinary(text))
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"][-1]["pieces"] > 50
 
 
@@ -399,7 +401,7 @@ def test_a_utf8_byte_order_mark_is_dropped_from_text_files_and_jsonl_as_train_py
     run(tmp_path / "bom_jsonl", tmp_path / "bom.jsonl")
     run(tmp_path / "clean", corpus)
     assert shard_bytes(tmp_path / "text") == shard_bytes(tmp_path / "bom_jsonl") == shard_bytes(tmp_path / "clean")
-    assert data.read_text(str(folder / "doc_000.txt"))[1] == docs[0]  # what train.py reads of such a file
+    assert files.read_text(str(folder / "doc_000.txt"))[1] == docs[0]  # what train.py reads of such a file
 
 
 def test_jsonl_nested_too_deeply_is_the_one_line_invalid_json_error_not_a_recursion_traceback(tmp_path, capsys):

@@ -7,8 +7,8 @@ import torch
 
 import sample
 from checkpoint import save_checkpoint
-from data import EOT_TOKEN, alpaca_prompt, chat_tokens, get_tokenizer
 from model import GPT, GPTConfig
+from tokenizer import EOT_TOKEN, alpaca_prompt, chat_tokens, get_tokenizer
 
 
 @pytest.fixture(scope="module")

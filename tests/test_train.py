@@ -19,11 +19,12 @@ import prepare
 import train
 from checkpoint import load_model, save_checkpoint
 from conftest import REPO
-from data import LOADERS, ExampleLoader, TextLoader, chat_pieces, chat_tokens, get_tokenizer
+from data import LOADERS, ExampleLoader, TextLoader
 from model import GPT, GPTConfig
 from parallel import build_training
 from measure import peak_memory_bytes
 from runtime import setup_runtime
+from tokenizer import chat_pieces, chat_tokens, get_tokenizer
 
 TINY = ["--model", "gpt2-nano", "--batch_size", "4", "--seq_len", "32", "--warmup_steps", "2", "--max_lr", "3e-3",
         "--log_interval", "1", "--eval_interval", "3", "--eval_steps", "2", "--sample_tokens", "0",

@@ -1,0 +1,122 @@
+"""
+GPT-2's tokenizer, its special ids, and the two prompt templates (Alpaca, chat) rendered alike in training, sampling,
+export and the lm-eval harness. Imports no project module: model.py takes IGNORE_INDEX from here and so stays free of
+files and flags.
+"""
+
+import base64
+import functools
+import json
+import os
+
+import numpy as np
+
+# GPT-2's 50,256 BPE ranks, shipped in the repo so that nothing is downloaded at run time
+TOKENIZER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2.tiktoken")
+EOT_TOKEN = 50256  # <|endoftext|>
+IGNORE_INDEX = -100  # the label the loss skips (F.cross_entropy's default ignore_index): prompt tokens and padding
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer():
+    """GPT-2's tokenizer, built offline from the file in the repo; its ids are those of tiktoken's "gpt2"."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenization regex, as tiktoken spells it
+
+    with open(TOKENIZER_FILE, "rb") as f:
+        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT_TOKEN},
+        explicit_n_vocab=EOT_TOKEN + 1,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Alpaca: Stanford Alpaca's PROMPT_DICT (tatsu-lab/stanford_alpaca, train.py), word for word.
+
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def alpaca_prompt(instruction, input=""):
+    """The text the model is conditioned on, in training and in sampling alike: Stanford's template, then "\n".
+    Stanford ends the prompt at "### Response:" and lets the output follow directly; ending it with the newline
+    instead means the response always starts after the same "\n" token, and sampling never has to guess one."""
+    template = ALPACA_PROMPT_INPUT if input else ALPACA_PROMPT_NO_INPUT
+    return template.format(instruction=instruction, input=input) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat: conversations of system, user and assistant messages.
+#
+# The template is plain text in GPT-2's own vocabulary (no new tokens: OpenAI's weights fine-tune on it as they are,
+# and an exported model is a plain GPT-2), each message a header line and its text, <|endoftext|> starting the
+# conversation and ending each reply, where generation then stops:
+#
+#   <|endoftext|>System:\nBe brief.\n\nUser:\nHi!\n\nAssistant:\nHello.<|endoftext|>User:\n...
+#
+# Each message's text is stripped of the whitespace around it, as most chat templates do: the newline ending a header
+# is then always a token of its own, so the tokens of a conversation up to "Assistant:\n" (what sample.py feeds the
+# model before a reply) are exactly the first tokens of the conversation with the reply. This is the one definition:
+# chat_pieces renders it for training and sampling, chat_template writes it as the Jinja template that export.py
+# gives transformers, and a test holds the two to the same tokens.
+
+CHAT_HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n"}
+CHAT_ENDS = {"system": "\n\n", "user": "\n\n", "assistant": "<|endoftext|>"}
+CHAT_START = "<|endoftext|>"
+
+
+def chat_pieces(messages, add_generation_prompt=False):
+    """A conversation ([{"role", "content"}] with roles system, user, assistant) as the template's text, in pieces
+    (text, is_reply): is_reply marks each assistant message's text and the <|endoftext|> that ends it, the tokens
+    trained on. add_generation_prompt appends the header that asks for the assistant's next reply."""
+    pieces = [(CHAT_START, False)]
+    for message in messages:
+        role = message["role"]
+        pieces.append((CHAT_HEADERS[role], False))
+        pieces.append((message["content"].strip() + CHAT_ENDS[role], role == "assistant"))
+    if add_generation_prompt:
+        pieces.append((CHAT_HEADERS["assistant"], False))
+    return pieces
+
+
+def chat_tokens(messages, add_generation_prompt=False):
+    """(tokens, labelled, turn_ends) of a conversation: its template text's tokens, tokenized whole as a Hugging Face
+    tokenizer does (<|endoftext|> the special token), whether each is part of a reply, and the token counts at which
+    a reply ends (where a conversation may be cut)."""
+    tokenizer = get_tokenizer()
+    pieces = chat_pieces(messages, add_generation_prompt)
+    text = "".join(piece for piece, _ in pieces)
+    tokens = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    # the character each token starts at, against the pieces' spans
+    _, starts = tokenizer.decode_with_offsets(tokens)
+    bounds = np.cumsum([0] + [len(piece) for piece, _ in pieces])
+    piece_of = np.searchsorted(bounds, starts, side="right") - 1
+    is_reply = np.array([reply for _, reply in pieces])
+    labelled = is_reply[piece_of]
+    turn_ends = [int(np.searchsorted(starts, bounds[k + 1])) for k, (_, reply) in enumerate(pieces) if reply]
+    return tokens, labelled.tolist(), turn_ends
+
+
+def chat_template():
+    """The template as Jinja, for a Hugging Face tokenizer's chat_template: apply_chat_template(messages) gives the
+    tokens chat_tokens gives. Written from the constants above; every literal is a Jinja string expression, so the
+    trim_blocks and lstrip_blocks options transformers sets cannot touch its newlines."""
+    def literal(text):
+        return "{{ " + json.dumps(text) + " }}"
+    content = "{{ message['content'] | trim }}"
+    branches = [f"message['role'] == '{role}' %}}{literal(CHAT_HEADERS[role])}{content}{literal(CHAT_ENDS[role])}"
+                for role in CHAT_HEADERS]
+    return (literal(CHAT_START) + "{% for message in messages %}{% if " + "{% elif ".join(branches)
+            + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + literal(CHAT_HEADERS["assistant"])
+            + "{% endif %}")
