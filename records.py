@@ -7,6 +7,7 @@ checked before any tokenizing. A problem is a DataError of one line naming the r
 import json
 
 from files import DataError, parse_json, read_text
+from tokenizer import CHAT_ROLES
 
 def first_json_record(text):
     """The first record of a JSON list or JSONL text (None when there is none), or a JSONDecodeError."""
@@ -92,14 +93,22 @@ def read_alpaca_records(path):
     return records
 
 
-# the roles of OpenAI's "messages" ("role"/"content") and ShareGPT's "conversations" ("from"/"value"), as the chat
-# template (tokenizer.py) names them
-CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 CHAT_FORMATS = {"messages": ("role", "content"), "conversations": ("from", "value")}
 
 
+def message_text(content):
+    """A message's text: a string, or OpenAI's list of text parts ([{"type": "text", "text": ...}], joined as the
+    exported chat template joins them); None for anything else (an image, null)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                         and isinstance(part.get("text"), str) for part in content):
+        return "".join(part["text"] for part in content)
+    return None
+
+
 def conversation(record, place):
-    """A chat record (either format) as [{"role", "content"}], checked: known roles, string contents, at most one
+    """A chat record (either format) as [{"role", "content"}], checked: known roles, text contents, at most one
     system message and only first, at least one assistant message."""
     key = next((key for key in CHAT_FORMATS if isinstance(record.get(key), list)), None)
     if key is None:
@@ -117,9 +126,13 @@ def conversation(record, place):
         if role is None:
             raise DataError(f'{where} has "{role_key}" {json.dumps(message.get(role_key))[:40]}: the roles are '
                             f'{", ".join(CHAT_ROLES)}')
-        content = message.get(content_key)
-        if not isinstance(content, str):
-            raise DataError(f'{where}: "{content_key}" is {json.dumps(content)[:40]}, not a string: make it a string')
+        if content_key not in message:
+            raise DataError(f'{where} has no "{content_key}": each message is {{"{role_key}": ..., '
+                            f'"{content_key}": ...}}')
+        content = message_text(message[content_key])
+        if content is None:
+            raise DataError(f'{where}: "{content_key}" is {json.dumps(message[content_key])[:40]}, not text: make it a '
+                            f'string (or a list of {{"type": "text", "text": ...}} parts)')
         if role == "system" and k > 0:
             raise DataError(f"{where} is a system message after the first message: a conversation has at most one, "
                             f"first")

@@ -74,49 +74,94 @@ def alpaca_prompt(instruction, input=""):
 CHAT_HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n"}
 CHAT_ENDS = {"system": "\n\n", "user": "\n\n", "assistant": "<|endoftext|>"}
 CHAT_START = "<|endoftext|>"
+# the roles of OpenAI's "messages" ("role"/"content") and ShareGPT's "conversations" ("from"/"value"), as the
+# template names them. Others (OpenAI's "tool" and "function") are refused, never dropped.
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+# A message's text is text: one that spells <|endoftext|> gets the tokens of those 13 characters, never the control
+# token (which would end a reply in mid-reply, or start a conversation in a user's message). Only the template's
+# own <|endoftext|> (the start, each reply's end) are the control token.
+CONTROL = "<|endoftext|>"
 
 
 def chat_pieces(messages, add_generation_prompt=False):
     """A conversation ([{"role", "content"}] with roles system, user, assistant) as the template's text, in pieces
-    (text, is_reply): is_reply marks each assistant message's text and the <|endoftext|> that ends it, the tokens
-    trained on. add_generation_prompt appends the header that asks for the assistant's next reply."""
-    pieces = [(CHAT_START, False)]
+    (text, is_reply, is_control): is_reply marks each assistant message's text and the <|endoftext|> that ends it,
+    the tokens trained on; is_control the template's <|endoftext|>. add_generation_prompt appends the header that
+    asks for the assistant's next reply."""
+    pieces = [(CHAT_START, False, True)]
     for message in messages:
         role = message["role"]
-        pieces.append((CHAT_HEADERS[role], False))
-        pieces.append((message["content"].strip() + CHAT_ENDS[role], role == "assistant"))
+        reply = role == "assistant"
+        pieces.append((CHAT_HEADERS[role], False, False))
+        pieces.append((message["content"].strip(), reply, False))
+        pieces.append((CHAT_ENDS[role], reply, CHAT_ENDS[role] == CONTROL))
     if add_generation_prompt:
-        pieces.append((CHAT_HEADERS["assistant"], False))
+        pieces.append((CHAT_HEADERS["assistant"], False, False))
     return pieces
 
 
 def chat_tokens(messages, add_generation_prompt=False):
-    """(tokens, labelled, turn_ends) of a conversation: its template text's tokens, tokenized whole as a Hugging Face
-    tokenizer does (<|endoftext|> the special token), whether each is part of a reply, and the token counts at which
-    a reply ends (where a conversation may be cut)."""
+    """(tokens, labelled, turn_ends) of a conversation: its template text's tokens, whether each is part of a reply,
+    and the token counts at which a reply ends (where a conversation may be cut). The text between two control
+    tokens is tokenized whole, as a Hugging Face tokenizer splits its input at special tokens and tokenizes the rest."""
     tokenizer = get_tokenizer()
     pieces = chat_pieces(messages, add_generation_prompt)
-    text = "".join(piece for piece, _ in pieces)
-    tokens = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
-    # the character each token starts at, against the pieces' spans
+    tokens, run = [], ""
+    for text, _, control in pieces:
+        if control:
+            tokens += tokenizer.encode_ordinary(run) + [EOT_TOKEN]
+            run = ""
+        else:
+            run += text
+    tokens += tokenizer.encode_ordinary(run)
+    # the character each token starts at, against the pieces' spans (the ordinary tokens of a message that spells
+    # <|endoftext|> decode to the same characters as the control token: the offsets hold either way)
     _, starts = tokenizer.decode_with_offsets(tokens)
-    bounds = np.cumsum([0] + [len(piece) for piece, _ in pieces])
+    bounds = np.cumsum([0] + [len(text) for text, _, _ in pieces])
     piece_of = np.searchsorted(bounds, starts, side="right") - 1
-    is_reply = np.array([reply for _, reply in pieces])
-    labelled = is_reply[piece_of]
-    turn_ends = [int(np.searchsorted(starts, bounds[k + 1])) for k, (_, reply) in enumerate(pieces) if reply]
+    labelled = np.array([reply for _, reply, _ in pieces])[piece_of]
+    turn_ends = [int(np.searchsorted(starts, bounds[k + 1])) for k, (text, reply, _) in enumerate(pieces)
+                 if reply and text == CHAT_ENDS["assistant"]]
     return tokens, labelled.tolist(), turn_ends
 
 
 def chat_template():
     """The template as Jinja, for a Hugging Face tokenizer's chat_template: apply_chat_template(messages) gives the
-    tokens chat_tokens gives. Written from the constants above; every literal is a Jinja string expression, so the
-    trim_blocks and lstrip_blocks options transformers sets cannot touch its newlines."""
+    tokens chat_tokens gives, for OpenAI's messages and ShareGPT's alike (text given as a list of text parts is
+    joined), or raises (raise_exception) where the trainer would refuse the conversation or the tokens would differ:
+    an unknown role (tool, function), a system message not first, content that is not text, a message spelling
+    <|endoftext|> (transformers' tokenizer would make it the control token). Written from the constants above; every
+    literal is a Jinja string expression, so the trim_blocks and lstrip_blocks options transformers sets cannot touch
+    its newlines."""
     def literal(text):
         return "{{ " + json.dumps(text) + " }}"
-    content = "{{ message['content'] | trim }}"
-    branches = [f"message['role'] == '{role}' %}}{literal(CHAT_HEADERS[role])}{content}{literal(CHAT_ENDS[role])}"
-                for role in CHAT_HEADERS]
-    return (literal(CHAT_START) + "{% for message in messages %}{% if " + "{% elif ".join(branches)
-            + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + literal(CHAT_HEADERS["assistant"])
-            + "{% endif %}")
+
+    def fail(why):
+        return "{{ raise_exception(" + json.dumps(why) + ") }}"
+
+    roles = ", ".join(CHAT_HEADERS)
+    return (
+        literal(CHAT_START) + "{% for message in messages %}"
+        "{% set role = message['role'] if message['role'] is defined else message['from'] %}"
+        "{% set role = " + json.dumps(CHAT_ROLES) + ".get(role, role) %}"
+        "{% set content = message['content'] if message['content'] is defined else message['value'] %}"
+        "{% if content is string %}{% set text = content %}"
+        "{% elif content is iterable and content is not mapping %}{% set ns = namespace(text='') %}"
+        "{% for part in content %}{% if part is mapping and part['type'] == 'text' and part['text'] is string %}"
+        "{% set ns.text = ns.text + part['text'] %}"
+        "{% else %}" + fail("a message holds a part that is not text: this model's chat template takes text only")
+        + "{% endif %}{% endfor %}{% set text = ns.text %}"
+        "{% else %}" + fail("a message has no text content: this model's chat template takes text only")
+        + "{% endif %}"
+        "{% if role not in " + json.dumps(list(CHAT_HEADERS)) + " %}"
+        + fail(f"a message's role is not one of this model's chat template's ({roles}; ShareGPT's human, gpt): "
+               f"tool and function messages are not supported") + "{% endif %}"
+        "{% if role == 'system' and not loop.first %}"
+        + fail("a system message comes after the first message: a conversation has at most one, first")
+        + "{% endif %}"
+        "{% if " + json.dumps(CONTROL) + " in text %}"
+        + fail(f"a message spells {CONTROL}, which the trainer reads as text and transformers' tokenizer as the "
+               f"control token: remove it") + "{% endif %}"
+        + "".join(f"{{% if role == '{role}' %}}{literal(CHAT_HEADERS[role])}{{{{ text | trim }}}}"
+                  f"{literal(CHAT_ENDS[role])}{{% endif %}}" for role in CHAT_HEADERS)
+        + "{% endfor %}{% if add_generation_prompt %}" + literal(CHAT_HEADERS["assistant"]) + "{% endif %}")

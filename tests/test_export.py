@@ -11,6 +11,7 @@ import hf
 from checkpoint import save_checkpoint
 from conftest import REPO
 from model import GPT, GPTConfig
+from records import conversation
 from tokenizer import chat_tokens, get_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -194,3 +195,36 @@ def test_the_exported_chat_template_gives_transformers_the_trainers_tokens(tmp_p
         asked = ids(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True))
         assert asked == chat_tokens(messages[:-1], add_generation_prompt=True)[0]
         assert asked == chat_tokens(messages)[0][: len(asked)]
+
+
+def exported_chat_tokenizer(tmp_path):
+    tiny_checkpoint(tmp_path / "run", dataset_type="chat")
+    export.main(["--init_from", str(tmp_path / "run"), "--out_dir", str(tmp_path / "hf")])
+    return transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+
+
+def test_the_exported_template_reads_sharegpt_roles_and_text_parts_as_the_trainer_does(tmp_path):
+    tokenizer = exported_chat_tokenizer(tmp_path)
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    for messages in CONVERSATIONS:
+        sharegpt = [{"from": names[m["role"]], "value": m["content"]} for m in messages]
+        parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"][:3]},
+                                                 {"type": "text", "text": m["content"][3:]}]} for m in messages]
+        # the trainer reads each record format through records.conversation, then tokenizes alike
+        for record, key in ((sharegpt, "conversations"), (parts, "messages")):
+            theirs = tokenizer.apply_chat_template(record, tokenize=True)
+            ours = chat_tokens(conversation({key: record}, "record 0"))[0]
+            assert list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ours
+
+
+@pytest.mark.parametrize("messages, why", [
+    ([{"role": "user", "content": "2+2?"}, {"role": "tool", "content": "4"}], "tool and function messages"),
+    ([{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief."}], "a system message comes after"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "a part that is not text"),
+    ([{"role": "user", "content": "say <|endoftext|> now"}], "spells <|endoftext|>"),
+])
+def test_the_exported_template_refuses_what_it_cannot_render_as_the_trainer_would(tmp_path, messages, why):
+    # never a silently different prompt: a message dropped, a role unknown, a list shown as Python's repr
+    tokenizer = exported_chat_tokenizer(tmp_path)
+    with pytest.raises(Exception, match=why):
+        tokenizer.apply_chat_template(messages, tokenize=True)

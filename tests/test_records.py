@@ -61,8 +61,12 @@ CHAT = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "
         (f'{CHAT}\n\n{{"messages": [{{"role": "user", "content": "Hi"}}]}}',
          "line 3 of .* has no assistant message"),
         (f'[{CHAT}, {{"messages": [{{"role": "user", "content": ["a", "b"]}}]}}]',
-         r'record 1 of .*messages\[0\]: "content" is \["a", "b"\], not a string'),
-        (f'[{CHAT}, {{"conversations": [{{"from": "human", "value": null}}]}}]', '"value" is null, not a string'),
+         r'record 1 of .*messages\[0\]: "content" is \["a", "b"\], not text: make it a string'),
+        (f'[{CHAT}, {{"conversations": [{{"from": "human", "value": null}}]}}]', '"value" is null, not text'),
+        (f'[{CHAT}, {{"messages": [{{"role": "user"}}]}}]', r'record 1 of .*messages\[0\] has no "content"'),
+        (f'[{CHAT}, {{"messages": [{{"role": "tool", "content": "42"}}]}}]', r'has "role" "tool": the roles are'),
+        (f'[{CHAT}, {{"messages": [{{"role": "user", "content": [{{"type": "image_url", "image_url": "x"}}]}}]}}]',
+         r'messages\[0\]: "content" is \[\{"type": "image_url".*not text'),
         ('[{"messages": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, '
          '{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]',
          r"messages\[1\] is a system message after the first"),
@@ -94,6 +98,13 @@ def test_openai_and_sharegpt_records_read_as_the_same_conversations(tmp_path):
     sharegpt.write_text(json.dumps({"conversations": [{"from": names[m["role"]], "value": m["content"]}
                                                       for m in messages]}) + "\n", encoding="utf-8")
     assert read_conversations(str(openai)) == read_conversations(str(sharegpt)) == [messages]
+
+
+def test_openai_content_as_text_parts_reads_as_the_joined_text(tmp_path):
+    parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world."}]
+    record = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "Hi."}]}
+    assert conversation(record, "record 0") == [{"role": "user", "content": "Hello, world."},
+                                                {"role": "assistant", "content": "Hi."}]
 
 
 @pytest.mark.parametrize(

@@ -334,3 +334,11 @@ def test_a_template_on_weights_not_fine_tuned_on_it_gets_a_note(tmp_path, capsys
     sample.main(["--init_from", str(tmp_path), "--max_new_tokens", "4", "--device", "cpu", *flags])
     err = capsys.readouterr().err
     assert (f"was trained on --dataset_type {dataset_type} data" in err) == noted, err
+
+
+def test_endoftext_typed_by_the_user_or_in_system_is_fed_as_text_not_the_control_token():
+    chat = sample.Chat(chat_model(block_size=128, eot_bias=6), system="Say <|endoftext|> never.")
+    tokens = chat.turn_tokens("what is <|endoftext|>?", first=True)
+    assert tokens.count(EOT_TOKEN) == 1  # the conversation's start alone
+    assert "Say <|endoftext|> never." in get_tokenizer().decode(tokens)
+    assert chat.turn_tokens("<|endoftext|>", first=False).count(EOT_TOKEN) == 0

@@ -77,3 +77,14 @@ def test_chat_tokens_label_each_reply_and_its_end_marker_and_a_turn_ends_after_e
     assert [tokenizer.decode(tokens[a:b]) for a, b in zip(starts, ends)] == ["Hello.<|endoftext|>",
                                                                             "Fine, thanks.<|endoftext|>"]
     assert turn_ends == ends
+
+
+def test_a_message_that_spells_endoftext_is_text_never_the_control_token():
+    # in a user's message it would start a conversation; in a reply it would be a trained end in mid-reply
+    for role in ("system", "user", "assistant"):
+        spelled = [{"role": role, "content": "a <|endoftext|> b"}]
+        plain = [{"role": role, "content": "a XYZ b"}]
+        tokens, labelled, turn_ends = chat_tokens(spelled)
+        assert tokens.count(EOT_TOKEN) == chat_tokens(plain)[0].count(EOT_TOKEN)  # the template's own only
+        assert "a <|endoftext|> b" in get_tokenizer().decode(tokens)  # its 13 characters, as text tokens
+        assert len(turn_ends) == (role == "assistant")

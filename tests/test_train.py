@@ -504,8 +504,8 @@ def test_a_chat_model_learns_its_fixed_replies_but_not_the_random_user_turns(tmp
     model = load_model(str(tmp_path / "out")).eval()
     messages = json.load(open(data))[0]["messages"]
     tokens, labelled, _ = chat_tokens(messages)
-    pieces = [text for text, _ in chat_pieces(messages)]  # start, header, system, header, user, header, reply, ...
-    second_user_turn = len(get_tokenizer().encode("".join(pieces[:8]), allowed_special="all"))  # where it starts
+    pieces = [text for text, _, _ in chat_pieces(messages)]  # start, header, system, end, header, user, end, ...
+    second_user_turn = len(get_tokenizer().encode("".join(pieces[:11]), allowed_special="all"))  # where it starts
     with torch.no_grad():
         _, nats = model(torch.tensor([tokens[:-1]]), torch.tensor([tokens[1:]]), loss_reduction="none")
     nats = nats[0]  # nats[j]: predicting token j + 1
