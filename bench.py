@@ -52,7 +52,7 @@ from checkpoint import CHECKPOINT, checksum, load_checkpoint, load_model, save_c
 from data import LOADERS, DataError, accumulation_steps
 from model import GPT, PRESETS, preset_config
 from cli import OneLineParser, UserError, add_device_flags, fraction, non_negative_int, positive_int, print_error
-from optim import local, optimizer_step
+from optim import local_tensor, optimizer_step
 from parallel import build_training, require_grad_sync
 from measure import memory_estimate, peak_flops, peak_memory_bytes
 from runtime import setup_runtime, shutdown
@@ -161,7 +161,7 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
     # rank's shards of them under FSDP
     params = list(raw_model.parameters())
     optimizer_state = [t for state in optimizer.state.values() for t in state.values()]
-    resident = [local(t) for t in [*params, *(p.grad for p in params if p.grad is not None), *optimizer_state]]
+    resident = [local_tensor(t) for t in [*params, *(p.grad for p in params if p.grad is not None), *optimizer_state]]
     gradient_bytes = []  # the gradients as the optimizer gets them
     optimizer.register_step_pre_hook(lambda *_: gradient_bytes.append(
         sum(local_bytes(p.grad) for p in params if p.grad is not None)))
@@ -188,7 +188,7 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
 
 
 def local_bytes(t):
-    return local(t).numel() * t.element_size()
+    return local_tensor(t).numel() * t.element_size()
 
 
 def print_memory_table(gpus, tokens):

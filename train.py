@@ -31,7 +31,7 @@ from data import (EOT_TOKEN, IGNORE_INDEX, LOADERS, DataError, ExampleLoader, Lo
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
 from measure import Throughput, device_memory_bytes, memory_estimate
 from model import GPT, PRESETS, GPTConfig, preset_config
-from optim import MUON_LR_SCALE, local, optimizer_step
+from optim import MUON_LR_SCALE, local_tensor, optimizer_step
 from parallel import build_training, require_grad_sync
 from runtime import Runtime, agrees_with_rank0, join_job, setup_runtime, shutdown, signal_on_parent_death
 from tracking import Tracking, check_trackers, trackers
@@ -606,7 +606,7 @@ def kept_checkpoint(path, step):
 def weights_are_finite(model, rt):
     """Whether every weight is finite, on every rank (each checks its own shards under FSDP): one pass over the
     weights, before each save."""
-    finite = torch.stack([torch.isfinite(local(p)).all() for p in model.parameters()]).all()
+    finite = torch.stack([torch.isfinite(local_tensor(p)).all() for p in model.parameters()]).all()
     return not rt.any_rank(not finite.item())
 
 
