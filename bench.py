@@ -12,13 +12,13 @@ Benchmarks: training steps, decoding, and checkpoints.
     python bench.py --chat --model gpt2                     # sample.py --chat's turns, with and without its kept cache
 
 Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from parallel.build_training and the
-batches from data.py's loaders, as in train.py. After --warmup steps, times --steps optimizer steps: each micro-step's
-forward and backward (gradients synced on the last), then clipping and the optimizer's step. Reports tokens/s, ms/step
-(and its two parts: forward+backward, and the optimizer), MFU and peak memory. MFU is against measure.peak_flops:
-the data sheet's bf16/fp16 peak for known GPUs, otherwise a large matmul timed on the spot in the run's dtype. Peak
-memory is the most the tensors held during one more step (measure.peak_memory_bytes: CUDA's allocator on a GPU, the
-profiler on a CPU), model and optimizer included, per process under torchrun, with the weights, gradients and
-optimizer state alone, and measure.memory_estimate's figure.
+loader from options.make_loader, as in train.py. After --warmup steps, times --steps of train.py's own step
+(step.train_step): each micro-step's forward and backward (gradients synced on the last), then clipping and the
+optimizer's step. Reports tokens/s, ms/step (and its two parts: forward+backward, and the optimizer), MFU and peak
+memory. MFU is against measure.peak_flops: the data sheet's bf16/fp16 peak for known GPUs, otherwise a large matmul
+timed on the spot in the run's dtype. Peak memory is the most the tensors held during one more step
+(measure.peak_memory_bytes: CUDA's allocator on a GPU, the profiler on a CPU), model and optimizer included, per
+process under torchrun, with the weights, gradients and optimizer state alone, and measure.memory_estimate's figure.
 Decoding: greedy tokens/s of a batch of one from random weights of the model's shape (or --init_from), with and
 without the KV cache, and of transformers' generate on the same weights when transformers is installed; then
 whether the three decode the same tokens, in full fp32 (where a tie between two logits cannot flip).
@@ -32,8 +32,8 @@ Checkpoints: the model with its --optimizer's state after one step, saved (check
 temporary directory, loaded back in full (no mmap) with and without verifying its checksum, and the checksum alone;
 each the faster of two runs, the loads from the page cache the save filled.
 All print a table, then one JSON line with every figure. The options are train.py's that decide what a step
-computes (shape, batch, dtype, device, compile, data); the schedule and the optimizer's settings don't change its
-speed and are fixed here.
+computes (shape, batch, dtype, device, compile, data), defined once in options.py; the schedule and the optimizer's
+settings don't change its speed and are fixed here.
 """
 
 import argparse
@@ -49,45 +49,33 @@ import torch
 
 import hf
 from checkpoint import CHECKPOINT, checksum, load_checkpoint, load_model, save_checkpoint
-from data import LOADERS, accumulation_steps
 from files import DataError
-from model import GPT, PRESETS, preset_config
-from cli import OneLineParser, UserError, add_device_flags, fraction, non_negative_int, positive_int, print_error
-from optim import local, optimizer_step
-from parallel import build_training, require_grad_sync
+from model import GPT, preset_config
+from cli import HelpFormatter, OneLineParser, UserError, add_device_flags, non_negative_int, positive_int, print_error
+from optim import local_tensor, optimizer_step
+from options import add_batch_flags, add_data_flags, add_model_flags, add_step_flags, batch_geometry, make_loader, \
+    model_config
+from parallel import build_training
 from measure import memory_estimate, peak_flops, peak_memory_bytes
 from runtime import setup_runtime, shutdown
 from sample import Chat
+from step import train_step
 
 
 def build_parser():
     p = OneLineParser(description="Benchmark training steps (default), decoding (--sample), chat turns (--chat) or "
-                      "checkpoints (--checkpoint).",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--model", default="gpt2-micro", choices=list(PRESETS), help="preset, as in train.py")
-    a("--n_layer", type=positive_int, help="override the preset's number of layers")
-    a("--n_head", type=positive_int, help="override the preset's number of attention heads")
-    a("--n_embd", type=positive_int, help="override the preset's width")
-    a("--dropout", type=fraction, default=0.0, help="dropout probability")
-    a("--dataset_type", default="text", choices=list(LOADERS), help="as in train.py")
-    a("--dataset_path", default="input.txt", help="as in train.py")
-    a("--batch_size", type=positive_int, default=4, help="sequences per micro-batch, per process")
-    a("--packing", action=argparse.BooleanOptionalAction, default=True, help="as in train.py")
-    a("--seq_len", type=positive_int, help="tokens per sequence (default: the model's context)")
-    a("--total_batch_size", type=positive_int, help="tokens per optimizer step, all processes and micro-steps together "
-      "(default: batch_size * seq_len * processes, no gradient accumulation)")
-    add_device_flags(p)
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--reduce_dtype", default="float32", choices=["float32", "bfloat16"], help="under torchrun, the dtype in which "
-      "gradients are all-reduced, as in train.py")
-    a("--optimizer", default="muon", choices=["adamw", "muon"], help="as in train.py")
-    a("--spread_muon", action=argparse.BooleanOptionalAction, default=True, help="under torchrun with DDP, Muon "
-      "orthogonalises each matrix on one process and shares the result; --no-spread_muon does every matrix on every "
-      "process, as torch.optim.Muon would: to see what spreading saves")
-    a("--fsdp", action="store_true", help="under torchrun, shard the model (FSDP2) instead of DDP, as in train.py")
-    a("--activation_checkpointing", action="store_true", help="recompute activations in backward, as in train.py")
-    a("--seed", type=int, default=1337, help="seeds the weights and the batches")
+                      "checkpoints (--checkpoint).", formatter_class=HelpFormatter)
+    # train.py's flags that decide what a step computes, defined once in options.py
+    add_model_flags(p)
+    add_data_flags(p)
+    add_batch_flags(p)
+    step = add_step_flags(p)
+    step.add_argument("--spread_muon", action=argparse.BooleanOptionalAction, default=True, help="under torchrun "
+                      "with DDP, Muon orthogonalises each matrix on one process and shares the result; "
+                      "--no-spread_muon does every matrix on every process, as torch.optim.Muon would: to see what "
+                      "spreading saves")
+    add_device_flags(p.add_argument_group("device"))
+    a = p.add_argument_group("benchmark").add_argument
     a("--steps", type=positive_int, default=10, help="timed steps")
     a("--warmup", type=non_negative_int, default=3, help="untimed steps first (allocations, compilation, caches)")
     a("--sample", action="store_true", help="benchmark decoding instead of training")
@@ -96,7 +84,7 @@ def build_parser():
     a("--memory_table", type=positive_int, metavar="GPUS", help="print the estimated memory a GPU needs to train "
       "each GPT-2 size on this many GPUs, at --batch_size x --seq_len (default 1024) tokens a micro-step, in bf16 "
       "(nothing runs)")
-    a("--init_from", help="--sample: these weights (as train.py's --init_from) instead of random ones")
+    a("--init_from", help="--sample and --chat: these weights (as train.py's --init_from) instead of random ones")
     a("--prompt_tokens", type=positive_int, default=32, help="--sample: prompt length")
     a("--new_tokens", type=positive_int, default=128, help="--sample: tokens generated per run")
     a("--chat", action="store_true", help="benchmark sample.py --chat's turns, with its KV cache kept from turn to "
@@ -106,77 +94,76 @@ def build_parser():
     return p
 
 
-def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
+# The schedule and the optimizer's settings don't change what a step costs: fixed here
+LR, GRAD_CLIP = 1e-4, 1.0
+
+
+def bench_training(args, rt, cfg, accum_steps):
     world_size = rt.world_size
     # the peak is measured before and after the steps, and the higher taken: on a shared machine a moment of
     # contention would otherwise lower the peak and flatter the MFU
     peak_before = peak_flops(rt)
-    loader = LOADERS[args.dataset_type](args.dataset_path, seq_len, args.batch_size, accum_steps,
-                                        rank=rt.rank, world_size=world_size, seed=args.seed, packing=args.packing)
+    loader = make_loader(args, accum_steps, rt.rank, world_size)
     torch.manual_seed(args.seed)
     raw_model = GPT(cfg)
-    model, optimizer, scaler = build_training(raw_model, rt, weight_decay=0.1, lr=1e-4, betas=(0.9, 0.95),
+    model, optimizer, scaler = build_training(raw_model, rt, weight_decay=0.1, lr=LR, betas=(0.9, 0.95),
                                               optimizer=args.optimizer, compile=args.compile,
                                               reduce_dtype=args.reduce_dtype, fsdp=args.fsdp,
                                               activation_checkpointing=args.activation_checkpointing)
     if args.optimizer == "muon":
         optimizer.optimizers["muon"].spread = args.spread_muon
-    model.train()
 
     seconds_in = {"forward_backward": 0.0, "optimizer": 0.0}  # where a step's time goes
-    fed = {"tokens": 0, "padding": 0}  # this rank's, over the timed steps
+    backward_done = []
 
-    def step(number):  # what train.train_step computes, less its bookkeeping (schedule, loss weights, seeding)
-        tokens, t0 = 0, time.perf_counter()
-        for micro_step in range(accum_steps):
-            x, y, positions = rt.to_device(loader.get_batch("train", number, micro_step))
-            require_grad_sync(model, micro_step == accum_steps - 1)
-            with rt.autocast():
-                loss = model(x, y, positions=positions)[1] / accum_steps
-            scaler.scale(loss).backward()
-            tokens += x.numel() * world_size  # padding included, as train.py counts
-            fed["tokens"] += x.numel()
-            # padding: what no example fills (Alpaca and chat batches: see data.ExampleLoader.collate and .pack)
-            fed["padding"] += x.numel() - loader.tokens_in("train", number, micro_step)
+    def before_update():
         rt.synchronize()  # (on a GPU: one wait more a step, to see where the time goes)
-        t1 = time.perf_counter()
-        optimizer_step(model, optimizer, scaler, grad_clip=1.0)
-        rt.synchronize()
-        seconds_in["forward_backward"] += t1 - t0
-        seconds_in["optimizer"] += time.perf_counter() - t1
-        return loss, tokens
+        backward_done.append(time.perf_counter())
 
-    for number in range(args.warmup):
+    def step(number):  # train.py's step itself, number 1, 2, ...
+        t0 = time.perf_counter()
+        loss, _, tokens, _ = train_step(model, optimizer, scaler, loader, number, accum_steps, rt, lr=LR,
+                                        seed=args.seed, grad_clip=GRAD_CLIP, before_update=before_update)
+        rt.synchronize()
+        seconds_in["forward_backward"] += backward_done[-1] - t0
+        seconds_in["optimizer"] += time.perf_counter() - backward_done[-1]
+        return loss, tokens  # tokens: this rank's x the ranks, padding included, as train.py counts
+
+    for number in range(1, args.warmup + 1):
         step(number)
     rt.synchronize()
     seconds_in.update(forward_backward=0.0, optimizer=0.0)
-    fed.update(tokens=0, padding=0)
+    timed = range(args.warmup + 1, args.warmup + args.steps + 1)
     t0, tokens = time.perf_counter(), 0
-    for number in range(args.warmup, args.warmup + args.steps):
+    for number in timed:
         loss, step_tokens = step(number)
         tokens += step_tokens
     loss.item()  # waits for the last step
     seconds = time.perf_counter() - t0
+    # padding: what no example fills (Alpaca and chat batches: see data.ExampleLoader.collate and .pack), this rank's
+    fed = tokens // world_size
+    padding = fed - sum(loader.tokens_in("train", number - 1, micro_step) for number in timed
+                        for micro_step in range(accum_steps))
     step_parts = {name: max(rt.gather(part)) / args.steps * 1000 for name, part in seconds_in.items()}  # ms a step
     # what lives from step to step: weights, optimizer state, and under DDP the gradients (in its buckets); this
     # rank's shards of them under FSDP
     params = list(raw_model.parameters())
     optimizer_state = [t for state in optimizer.state.values() for t in state.values()]
-    resident = [local(t) for t in [*params, *(p.grad for p in params if p.grad is not None), *optimizer_state]]
+    resident = [local_tensor(t) for t in [*params, *(p.grad for p in params if p.grad is not None), *optimizer_state]]
     gradient_bytes = []  # the gradients as the optimizer gets them
     optimizer.register_step_pre_hook(lambda *_: gradient_bytes.append(
         sum(local_bytes(p.grad) for p in params if p.grad is not None)))
-    peak_memory = peak_memory_bytes(lambda: step(args.warmup + args.steps), rt, resident)  # one more step, untimed
+    peak_memory = peak_memory_bytes(lambda: step(timed[-1] + 1), rt, resident)  # one more step, untimed
     state_memory = sum(map(local_bytes, params)) + gradient_bytes[-1] + sum(map(local_bytes, optimizer_state))
     seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
     peak = max(peak_before, peak_flops(rt))
-    mfu = raw_model.flops_per_token(seq_len) * tokens_per_sec / (peak * world_size)
-    return {"params": raw_model.num_params(), "batch_size": args.batch_size, "seq_len": seq_len,
-            "accum_steps": accum_steps, "processes": world_size, "tokens_per_step": total_batch_size,
+    mfu = raw_model.flops_per_token(args.seq_len) * tokens_per_sec / (peak * world_size)
+    return {"params": raw_model.num_params(), "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "accum_steps": accum_steps, "processes": world_size, "tokens_per_step": args.total_batch_size,
             "ms_per_step": seconds_per_step * 1000,
             # the slowest rank's parts (under Muon each rank orthogonalises its own share of the matrices)
             "forward_backward_ms": step_parts["forward_backward"], "optimizer_ms": step_parts["optimizer"],
-            "tokens_per_sec": tokens_per_sec, "mfu": mfu, "padding_share": fed["padding"] / fed["tokens"],
+            "tokens_per_sec": tokens_per_sec, "mfu": mfu, "padding_share": padding / fed,
             "peak_tflops": peak / 1e12,
             # per process: the worst moment of a step, and the weights + gradients + optimizer state within it
             "peak_memory_gb": max(rt.gather(peak_memory)) / 1e9,
@@ -184,12 +171,12 @@ def bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps):
             "state_memory_gb_per_rank": [round(b / 1e9, 4) for b in rt.gather(state_memory)],
             # memory_estimate's sum of the parts, which never all peak at once: what to size a GPU by
             "estimated_memory_gb": sum(memory_estimate(
-                cfg, args.batch_size * seq_len, world_size if args.fsdp else 1, args.activation_checkpointing,
+                cfg, args.batch_size * args.seq_len, world_size if args.fsdp else 1, args.activation_checkpointing,
                 accum_steps > 1, low_precision=rt.dtype != torch.float32).values()) / 1e9}
 
 
 def local_bytes(t):
-    return local(t).numel() * t.element_size()
+    return local_tensor(t).numel() * t.element_size()
 
 
 def print_memory_table(gpus, tokens):
@@ -366,18 +353,9 @@ def main(argv=None):
         if args.memory_table:
             print_memory_table(args.memory_table, args.batch_size * (args.seq_len or 1024))
             return
-        try:
-            cfg = preset_config(args.model, args.dropout, args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
-                                n_embd=args.n_embd)
-        except ValueError as e:
-            raise UserError(f"model shape: {e}")
         # the batch arithmetic is checked before joining the processes of a torchrun job, so all of them stop alike
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-        seq_len = args.seq_len or cfg.block_size
-        if seq_len > cfg.block_size:
-            raise UserError(f"--seq_len {seq_len} is longer than the model's context ({cfg.block_size})")
-        total_batch_size = args.total_batch_size or args.batch_size * seq_len * world_size
-        accum_steps = accumulation_steps(total_batch_size, args.batch_size, seq_len, world_size)
+        cfg = model_config(args)
+        accum_steps = batch_geometry(args, cfg, int(os.environ.get("WORLD_SIZE", 1)))
         if args.sample and args.checkpoint:
             raise UserError("--sample and --checkpoint are two benchmarks: give one")
         if args.chat and (args.sample or args.checkpoint):
@@ -390,7 +368,7 @@ def main(argv=None):
         elif args.checkpoint:
             result = bench_checkpoint(args, rt, cfg)
         else:
-            result = bench_training(args, rt, cfg, seq_len, total_batch_size, accum_steps)
+            result = bench_training(args, rt, cfg, accum_steps)
         mode = "chat" if args.chat else "sample" if args.sample else "checkpoint" if args.checkpoint else "train"
         result = {"mode": mode, "model": args.init_from or args.model,
                   "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else rt.device,

@@ -5,7 +5,7 @@ What a run leaves in its --out_dir, and the one way back to a model:
     metrics.jsonl   MetricsLog: one JSON object per log line
     load_model(X)   a GPT from a checkpoint, an out_dir, a Hugging Face directory or a hub name
 
-Batches and dropout masks are functions of (seed, step) (data.py, train.train_step), so the step is all the
+Batches and dropout masks are functions of (seed, step) (data.py, step.train_step), so the step is all the
 position a checkpoint needs to resume exactly.
 """
 

@@ -21,6 +21,15 @@ class UserError(Exception):
     """A problem the user can fix (options, a device, a checkpoint, a diverging run): one line, no traceback."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, once: argparse's where the flag has one; a flag whose default is None
+    either has none (it is off) or depends on other options, and then its help says what it is. (argparse's own
+    formatter appends "(default: None)" to those: two defaults where the help names one.)"""
+
+    def _get_help_string(self, action):  # (the hook argparse's formatters override)
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # argparse's default prints the whole usage first; one line says it better
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -12,32 +12,31 @@ divide the loss by the UTF-8 bytes of the predicted tokens, so models with other
 compare. Prints a line per metric, then one JSON line.
 """
 
-import argparse
 import json
 import os
 import sys
 
-
 from checkpoint import is_checkpoint, load_checkpoint, load_model
-from data import LOADERS, ExampleLoader
+from data import ExampleLoader
 from tokenizer import IGNORE_INDEX
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag, windows
-from cli import OneLineParser, UserError, add_device_flags, non_negative_int, positive_int, print_error
+from cli import HelpFormatter, OneLineParser, UserError, add_device_flags, non_negative_int, positive_int, print_error
 from files import DataError, write_atomically
+from options import add_data_flags, given_flags, make_loader
 from runtime import setup_runtime
 
 
 def build_parser():
-    p = OneLineParser(description="Evaluate a model on a split and on HellaSwag.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description="Evaluate a model on a split and on HellaSwag. A checkpoint's run gives the defaults "
+                      "of --dataset_type, --dataset_path and --seq_len (the flags given win); --dataset_path none "
+                      "skips the split.", formatter_class=HelpFormatter)
     a = p.add_argument
     a("--init_from", default="out", help="a checkpoint (out/ckpt.pt or its directory), a Hugging Face GPT-2 "
       "directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
-    a("--dataset_type", choices=list(LOADERS), help="as in train.py (default: the checkpoint's, else "
-      "text)")
-    a("--dataset_path", help="as in train.py (default: the checkpoint's, else input.txt; 'none' skips the split)")
+    add_data_flags(p)  # train.py's
     a("--split", default="val", choices=["val", "train"], help="which split to evaluate")
-    a("--seq_len", type=positive_int, help="tokens per window (default: the model's context)")
+    a("--seq_len", type=positive_int, help="tokens per window (default: the checkpoint's run's, else the model's "
+      "context)")
     a("--batch_size", type=positive_int, default=8, help="windows or examples per forward pass")
     a("--max_tokens", type=positive_int, help="stop after about this many predicted tokens (default: the whole split)")
     a("--hellaswag_path", help="HellaSwag's hellaswag_val.jsonl, or 'download' (online)")
@@ -64,8 +63,7 @@ def example_batches(loader, split, batch_size, max_tokens):
 
 
 def evaluate_split(model, args, rt):
-    loader = LOADERS[args.dataset_type](args.dataset_path, args.seq_len, args.batch_size, 1, seed=args.seed,
-                                        packing=True)
+    loader = make_loader(args, accum_steps=1)
     if isinstance(loader, ExampleLoader):
         batches = example_batches(loader, args.split, args.batch_size, args.max_tokens)
     else:
@@ -100,21 +98,24 @@ def run_harness(model, rt, args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = given_flags(parser, sys.argv[1:] if argv is None else argv)
     try:
         saved = {}
         if is_checkpoint(args.init_from):
             # the run's own data, by default (a look at the config: load_model checks the weights below)
             saved = load_checkpoint(args.init_from, mmap=True, verify=False)["config"]
-        args.dataset_type = args.dataset_type or saved.get("dataset_type", "text")
-        args.dataset_path = args.dataset_path or saved.get("dataset_path", "input.txt")
+        for name in ("dataset_type", "dataset_path"):
+            if name not in given and name in saved:
+                setattr(args, name, saved[name])
         rt = setup_runtime(args.device, args.dtype)
         model = load_model(args.init_from).to(rt.device).eval()
         args.seq_len = args.seq_len or saved.get("seq_len") or model.config.block_size
         if args.seq_len > model.config.block_size:
             raise UserError(f"--seq_len {args.seq_len} is longer than the model's context "
                             f"({model.config.block_size})")
-        args.seed = saved.get("seed", 1337)  # the seed of the Alpaca split and of the loaders' defaults
+        args.seed = saved.get("seed", 1337)  # the seed of the Alpaca split and of the loaders' defaults (make_loader)
         results = {"model": args.init_from}
         if args.dataset_path != "none":
             split = evaluate_split(model, args, rt)

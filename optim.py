@@ -127,7 +127,7 @@ class Muon(torch.optim.Optimizer):
             blend, decay = (1 - group["momentum"]) * keep, 1 - group["lr"] * group["weight_decay"] * keep
             blended = [self.momentum_blend(p, group, skip, blend) for p in params]  # this rank's rows, under FSDP
             for p, update in zip(params, self.orthogonalise(params, blended, group)):
-                weights = local(p)
+                weights = local_tensor(p)
                 weights.mul_(decay)
                 step_size = -adjusted_lr(group["lr"], group["adjust_lr_fn"], p.shape)
                 if found_inf is None:
@@ -139,7 +139,7 @@ class Muon(torch.optim.Optimizer):
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p.grad)  # sharded like the gradient under FSDP
-        buffer, grad = local(state["momentum_buffer"]), local(p.grad)
+        buffer, grad = local_tensor(state["momentum_buffer"]), local_tensor(p.grad)
         if skip is not None:  # a skipped step's gradient (NaN, inf) must not reach the buffer, even times 0
             grad = torch.where(skip, 0.0, grad)
         buffer.lerp_(grad, blend)
@@ -258,7 +258,7 @@ def shard_rows(n, world):
     return [max(0, min(size, n - r * size)) for r in range(world)]
 
 
-def local(t):
+def local_tensor(t):
     """This rank's part of a tensor: a DTensor's local shard (a view: writing to it writes the DTensor), or t."""
     return t.to_local() if isinstance(t, DTensor) else t
 

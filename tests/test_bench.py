@@ -9,6 +9,7 @@ import pytest
 
 import bench
 import measure
+import step
 from conftest import REPO
 
 NANO = ["--model", "gpt2-nano", "--device", "cpu", "--dtype", "float32", "--optimizer", "adamw"]
@@ -31,6 +32,23 @@ def test_training_benchmark_reports_speed_mfu_and_memory_as_a_json_line(small_te
     # the step's two parts: forward and backward, then the optimizer (its share shows what Muon costs)
     assert 0 < result["optimizer_ms"] < result["ms_per_step"] and 0 < result["forward_backward_ms"]
     assert result["forward_backward_ms"] + result["optimizer_ms"] == pytest.approx(result["ms_per_step"], rel=0.1)
+
+
+def test_the_training_benchmark_times_the_trainer_s_own_step(small_text, monkeypatch):
+    # step.train_step, as train.py's loop calls it: a change to the step changes what is measured
+    calls = []
+    real = bench.train_step
+    assert real is step.train_step
+
+    def counted(*args, **kwargs):
+        calls.append(args[4])  # the step's number
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "train_step", counted)
+    result = run_bench("--dataset_path", small_text, "--seq_len", "32", "--batch_size", "2", "--steps", "2",
+                       "--warmup", "1")
+    assert calls == [1, 2, 3, 4] and result["tokens_per_step"] == 64  # warm-up, 2 timed, 1 for the peak memory
+    assert result["padding_share"] == 0  # windows of text are full
 
 
 def test_decoding_benchmark_checks_the_cache_against_no_cache_and_transformers():

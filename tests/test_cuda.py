@@ -18,10 +18,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import train
 from conftest import REPO
-from data import LOADERS
 from model import GPT, preset_config
+from options import make_loader, resolve
 from parallel import build_training
 from runtime import setup_runtime
+from step import get_lr, train_step
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -31,21 +32,20 @@ GPT2_STEP = ["--model", "gpt2", "--batch_size", "8", "--seq_len", "1024", "--tot
 
 def training_setup(flags, compile=False):
     """What train.setup builds, for steps called one at a time: (train_step's arguments but the step)."""
-    args = train.build_parser().parse_args(["--dataset_path", os.path.join(REPO, "input.txt"), *flags])
-    train.check_args(args)
-    cfg = train.model_config(args)
-    accum_steps = train.batch_geometry(args, cfg, 1)
+    opts = resolve(["--dataset_path", os.path.join(REPO, "input.txt"), "--out_dir", "/nonexistent/out", *flags])
+    args = opts.args
     rt = setup_runtime(args.device, args.dtype)
-    loader = LOADERS["text"](args.dataset_path, args.seq_len, args.batch_size, accum_steps)
+    loader = make_loader(args, opts.accum_steps)
     torch.manual_seed(args.seed)
-    model, optimizer, scaler = build_training(GPT(cfg), rt, weight_decay=args.weight_decay, lr=args.max_lr,
+    model, optimizer, scaler = build_training(GPT(opts.cfg), rt, weight_decay=args.weight_decay, lr=args.max_lr,
                                               betas=(args.beta1, args.beta2), compile=compile)
-    return model, optimizer, scaler, loader, accum_steps, rt, args
+    return model, optimizer, scaler, loader, opts.accum_steps, rt, args
 
 
 def steps(setup, numbers):
     model, optimizer, scaler, loader, accum_steps, rt, args = setup
-    return [train.train_step(model, optimizer, scaler, loader, step, accum_steps, rt, args)[1] for step in numbers]
+    return [train_step(model, optimizer, scaler, loader, step, accum_steps, rt, lr=get_lr(step, args), seed=args.seed,
+                       grad_clip=args.grad_clip)[0] for step in numbers]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -15,12 +15,12 @@ from test_evaluation import write_hellaswag
 from tokenizer import get_tokenizer
 
 
-def save_random_model(path, block_size=32):
+def save_random_model(path, block_size=32, **config):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=block_size)).eval()
     os.makedirs(path, exist_ok=True)
     save_checkpoint(os.path.join(path, "ckpt.pt"), model, torch.optim.AdamW(model.parameters()),
-                    torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace())
+                    torch.amp.GradScaler("cpu", enabled=False), 1, argparse.Namespace(**config))
     return model
 
 
@@ -73,3 +73,12 @@ def test_hellaswag_picks_the_endings_a_model_was_trained_on(tmp_path, capsys):
     result = run_eval(capsys, "--init_from", str(tmp_path / "out"), "--dataset_path", "none", "--hellaswag_path",
                       path)
     assert result["hellaswag_acc_norm"] == 1.0 and result["hellaswag_items"] == 3
+
+
+def test_a_checkpoint_s_run_gives_the_data_defaults_and_the_flags_given_win(tmp_path, small_text, capsys):
+    save_random_model(tmp_path / "run", dataset_type="text", dataset_path=small_text, seq_len=16)
+    saved = run_eval(capsys, "--init_from", str(tmp_path / "run"))
+    assert saved["dataset"] == f"text:{small_text}"
+    (tmp_path / "other.txt").write_text(open(small_text).read()[:8000])
+    given = run_eval(capsys, "--init_from", str(tmp_path / "run"), "--dataset_path", str(tmp_path / "other.txt"))
+    assert given["dataset"] == f"text:{tmp_path / 'other.txt'}" and given["val_tokens"] < saved["val_tokens"]

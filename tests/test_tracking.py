@@ -7,7 +7,7 @@ import pytest
 
 import tracking
 import train
-from test_train import TINY, losses, read_metrics, run_train
+from conftest import TINY, losses, read_metrics, run_train
 
 SCALARS = ("loss", "lr", "grad_norm", "val_loss", "val_bpb")
 
