@@ -57,6 +57,8 @@ positive_float = number_type(float, lambda v: v > 0, "a positive number")
 non_negative_float = number_type(float, lambda v: v >= 0, "a number, 0 or more")
 fraction = number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 probability = number_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+# what both numpy's and torch's generators take: a negative seed or one past 2**63 fails only once a run has begun
+seed = number_type(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")
 
 
 def add_device_flags(parser):

@@ -26,15 +26,19 @@ def token_byte_lengths():
 
 
 @torch.no_grad()
-def evaluate(model, batches, rt):
+def evaluate(model, batches, rt, stop=None):
     """{"loss": nats per label, "ppl": perplexity, "bpb": bits per byte, "labels": labels counted} over a loader's
     batches (x, y, positions), all ranks' together. Bits per byte leave out <|endoftext|>, which stands for no text
-    (nanochat's convention)."""
+    (nanochat's convention). stop: asked before each batch (every rank alike: each has as many batches), and when it
+    says so the evaluation is dropped and None returned: train.py's signal, which must not wait for the whole of it."""
     was_training = model.training
     model.eval()
     byte_lengths = torch.from_numpy(token_byte_lengths()).to(rt.device)
     sums = torch.zeros(4, device=rt.device, dtype=sum_dtype(rt))  # nats, labels, nats of text tokens, their bytes
     for batch in batches:
+        if stop is not None and stop():
+            model.train(was_training)
+            return None
         x, y, positions = rt.to_device(batch)
         with rt.autocast():
             _, nats = model(x, y, loss_reduction="none", positions=positions)  # (B, T), 0 where y is IGNORE_INDEX
@@ -127,11 +131,12 @@ def fetch(url, path):
 
 
 @torch.no_grad()
-def hellaswag_accuracy(model, items, rt, items_per_forward=16):
+def hellaswag_accuracy(model, items, rt, items_per_forward=16, stop=None):
     """HellaSwag as GPT-2 reproductions score it: each ending's tokens are scored by their loss after the context;
     acc picks the ending with the lowest total loss, acc_norm the lowest loss per token (so long endings are not
     penalised for their length). Each rank scores its share of the items, items_per_forward of them (all their
-    endings, a row each) per forward pass; the counts stay on the device until the end: one wait for it in all."""
+    endings, a row each) per forward pass; the counts stay on the device until the end: one wait for it in all.
+    stop: as evaluate's (asked before each forward pass, as many on every rank)."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, device=rt.device, dtype=sum_dtype(rt))  # items, right by acc, right by acc_norm
@@ -140,6 +145,9 @@ def hellaswag_accuracy(model, items, rt, items_per_forward=16):
     # scores its first ones again, uncounted
     forwards = math.ceil(math.ceil(len(items) / rt.world_size) / items_per_forward)
     for start in range(0, forwards * items_per_forward, items_per_forward):
+        if stop is not None and stop():
+            model.train(was_training)
+            return None
         batch = mine[start : start + items_per_forward]
         counted, batch = bool(batch), batch or items[:1]
         x, y, item, ending, lengths, labels = rt.to_device(hellaswag_batch(batch, model.config.block_size))

@@ -224,8 +224,13 @@ class Throughput:
 
     def __init__(self, flops_per_token, rt, step):
         self.flops_per_token, self.rt, self.peak, self.measured_again = flops_per_token, rt, None, False
-        self.seconds_per_step = 0.0
+        self.seconds_per_step = 0.0  # over the steps of the last reading
+        self.run_seconds, self.run_steps = 0.0, 0  # over every reading: the time left, which must not jump about
         self.restart(step)
+
+    @property
+    def mean_seconds_per_step(self):
+        return self.run_seconds / max(self.run_steps, 1)
 
     def restart(self, step):
         self.time, self.step, self.tokens = time.perf_counter(), step, 0
@@ -236,6 +241,7 @@ class Throughput:
     def read(self, step):
         seconds = time.perf_counter() - self.time
         self.seconds_per_step = seconds / (step - self.step)
+        self.run_seconds, self.run_steps = self.run_seconds + seconds, self.run_steps + step - self.step
         tokens_per_sec = self.tokens / seconds
         flops = self.flops_per_token * tokens_per_sec / self.rt.world_size  # one device's
         if self.peak is None:

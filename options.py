@@ -18,7 +18,7 @@ import os
 
 from checkpoint import CHECKPOINT, load_checkpoint, load_model, trained_with
 from cli import (HelpFormatter, OneLineParser, UserError, add_device_flags, fraction, non_negative_float,
-                 non_negative_int, positive_float, positive_int)
+                 non_negative_int, positive_float, positive_int, seed)
 from data import LOADERS, accumulation_steps
 from tokenizer import EOT_TOKEN
 from model import GPT, PRESETS, GPTConfig, preset_config
@@ -128,7 +128,7 @@ def add_step_flags(p):
     g.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block's activations in backward instead of keeping them: less memory (a "
                    "larger --batch_size fits) for about a third more compute")
-    g.add_argument("--seed", type=int, default=1337, help="seeds the initialisation, the batches and dropout")
+    g.add_argument("--seed", type=seed, default=1337, help="seeds the initialisation, the batches and dropout")
     return g
 
 
@@ -180,8 +180,8 @@ def build_parser():
     a("--hellaswag_path", help="HellaSwag's hellaswag_val.jsonl, or 'download' (online): its accuracy is logged "
       "every --hellaswag_interval steps and at the end")
     a("--hellaswag_interval", type=positive_int, default=1000, help="steps between HellaSwag evaluations")
-    a("--tensorboard", action="store_true", help="also log every record to TensorBoard, under out_dir/tensorboard "
-      "(needs the tensorboard package)")
+    a("--tensorboard", action=argparse.BooleanOptionalAction, default=False, help="also log every record to "
+      "TensorBoard, under out_dir/tensorboard (needs the tensorboard package); --no-tensorboard stops it on --resume")
     a("--wandb", metavar="PROJECT", help="also log every record, and the run's flags, to this Weights & Biases "
       "project (needs the wandb package; WANDB_MODE=offline works without a network); --resume continues the run")
     a("--wandb_run_name", help="the W&B run's name (default: the out_dir's name)")
@@ -230,8 +230,9 @@ def resolve(argv, world_size=None, load_weights=load_model):
     if args.resume:
         args, ckpt = resumed(parser, args, given, notes, world_size)
     elif os.path.exists(os.path.join(args.out_dir, CHECKPOINT)) and not args.overwrite:
-        raise UserError(f"{args.out_dir} already holds a checkpoint: continue it with --resume, choose another "
-                        f"--out_dir, or pass --overwrite to replace it")
+        raise UserError(f"{args.out_dir} already holds a checkpoint: continue it with --resume (and a larger "
+                        f"--max_steps, if its run finished), choose another --out_dir, or pass --overwrite to "
+                        f"replace it")
     check_args(args, world_size)
     if ckpt is not None:
         cfg = GPTConfig(**ckpt["model_config"])
@@ -245,6 +246,7 @@ def resolve(argv, world_size=None, load_weights=load_model):
     else:
         cfg = model_config(args)
     derive_defaults(args)
+    check_schedule(args, given)
     accum_steps = batch_geometry(args, cfg, world_size or 1)
     return Resolved(args, given, cfg, accum_steps, notes, ckpt, init_model)
 
@@ -255,6 +257,17 @@ def check_args(args, world_size):
     if args.fsdp and world_size is None:
         raise UserError("--fsdp shards the model over the processes of a torchrun job: launch it with torchrun "
                         "--nproc_per_node=N train.py ... (one process keeps the whole model anyway: drop --fsdp)")
+
+
+def check_schedule(args, given):
+    """A schedule given that cannot be what was meant: a warmup that never ends, or a decay that rises. (The default
+    warmup is left alone in a short run: `--max_steps 10` is a quick try, not a mistake.)"""
+    if "warmup_steps" in given and args.warmup_steps > args.max_steps:
+        raise UserError(f"--warmup_steps {args.warmup_steps} is beyond --max_steps {args.max_steps}: the learning rate "
+                        f"would never reach --max_lr; lower --warmup_steps or raise --max_steps")
+    if args.min_lr > args.max_lr:
+        raise UserError(f"--min_lr {args.min_lr:g} is above --max_lr {args.max_lr:g}: the schedule would rise as it "
+                        f"decays; lower --min_lr or raise --max_lr")
 
 
 def fine_tuning_defaults(args, given, notes):
@@ -349,8 +362,9 @@ def resumed(parser, args, given, notes, world_size):
         saved.fsdp = False
     step = ckpt["step"]
     if saved.max_steps <= step:
-        raise UserError(f"--max_steps {saved.max_steps} is not beyond the checkpoint's step {step}: nothing to "
-                        f"train; give a larger --max_steps to go on")
+        raise UserError(f"the checkpoint in {args.out_dir} is at step {step}, and --max_steps {saved.max_steps} is not "
+                        f"beyond it: nothing to train; to go on, give a larger one, e.g. --resume --max_steps "
+                        f"{2 * step}")
     if saved.max_steps != ckpt["config"]["max_steps"]:  # the cosine decay stretches or shrinks from here on
         before = argparse.Namespace(**{**vars(saved), "max_steps": ckpt["config"]["max_steps"]})
         notes.append(f"--resume: the learning rate now decays to {saved.min_lr:.2e} at step {saved.max_steps} instead "

@@ -28,7 +28,7 @@ import torch
 from checkpoint import load_model, trained_on
 from model import GPT, KVCache
 from cli import (OneLineParser, UserError, add_device_flags, non_negative_float, non_negative_int, positive_int,
-                 print_error, probability)
+                 print_error, probability, seed)
 from runtime import setup_runtime
 from tokenizer import EOT_TOKEN, alpaca_prompt, chat_tokens, get_tokenizer
 
@@ -53,7 +53,7 @@ def build_parser():
     a("--top_p", type=probability, default=1.0, help="sample only among the most likely tokens that make up this "
       "probability (nucleus sampling; 1: all)")
     a("--num_samples", type=positive_int, default=1, help="samples to draw, one after the other")
-    a("--seed", type=int, default=1337, help="seeds the sampling: the same seed gives the same samples")
+    a("--seed", type=seed, default=1337, help="seeds the sampling: the same seed gives the same samples")
     add_device_flags(p)
     return p
 

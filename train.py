@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -74,12 +75,25 @@ def main(argv=None):
 
 
 def run_and_sample(argv):
+    started = time.time()
     run = setup(argv)
-    train(run)
+    last = train(run)
     if run.rt.master:
-        print(f"done: {run.ckpt_path}")
+        print(done_lines(run.args, last, time.time() - started))
     if run.args.sample_tokens > 0 and (run.rt.master or run.args.fsdp):  # a sharded model runs on every rank
         print_sample(run)
+
+
+def done_lines(args, last, seconds):
+    """What a finished run made, and what to run next."""
+    minutes, seconds = divmod(round(seconds), 60)
+    val = f", val loss {last['val_loss']:.4f} ({last['val_bpb']:.3f} bits per byte)" if "val_loss" in last else ""
+    out = args.out_dir
+    return (f"done in {minutes}m{seconds:02d}s: {os.path.join(out, CHECKPOINT)} at step {last['step']}{val}, every "
+            f"record in {os.path.join(out, METRICS)}
+next: python sample.py --init_from {out} | python eval.py "
+            f"--init_from {out} | python export.py --init_from {out} --out_dir {os.path.join(out, 'hf')} | python "
+            f"plot.py {out} | more steps: python train.py --resume --out_dir {out} --max_steps {2 * last['step']}")
 
 
 @dataclasses.dataclass
@@ -204,18 +218,20 @@ def train(run):
             record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm.item(), 6),
                       **speed.read(step)}
 
-            # ---- evaluation
+            # ---- evaluation: a signal during it drops it (None) and the run saves at once
             if do_eval:
-                val = evaluate(run.model, validation_batches(run.loader, args.eval_steps, run.accum_steps), rt)
-                record.update({f"val_{name}": round(val[name], 6) for name in ("loss", "ppl", "bpb")})
-            if do_hellaswag:
-                scores = hellaswag_accuracy(run.raw_model, run.hellaswag_items, rt)
-                record.update({f"hellaswag_{name}": round(value, 6) for name, value in scores.items()})
-            if do_eval or do_hellaswag:
-                speed.restart(step)  # evaluation time is not training speed
+                val = evaluate(run.model, validation_batches(run.loader, args.eval_steps, run.accum_steps), rt,
+                               stop=stop_signal.requested)
+                stop = do_save = val is None
+                record.update({f"val_{name}": round(val[name], 6) for name in ("loss", "ppl", "bpb")} if val else {})
+            if do_hellaswag and not stop:
+                scores = hellaswag_accuracy(run.raw_model, run.hellaswag_items, rt, stop=stop_signal.requested)
+                stop = do_save = scores is None
+                record.update({f"hellaswag_{k}": round(v, 6) for k, v in scores.items()} if scores else {})
             run.metrics.write(record)
             if rt.master:
-                print(log_line(record, args.max_steps, speed.seconds_per_step), flush=True)
+                print(log_line(record, args.max_steps, speed), flush=True)
+            last_record = record
 
             # ---- checkpoint (every rank: a sharded model is gathered first; rank 0 writes). Never one of weights
             # that are not finite: ckpt.pt keeps the last good one
@@ -229,6 +245,8 @@ def train(run):
                 if rt.master:
                     print(f"stopped by signal at step {step}; checkpoint saved: continue with --resume", flush=True)
                 raise StopRequested(stop_signal.signum)
+            speed.restart(step)  # the time of evaluations and checkpoints is not training speed
+    return last_record
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,8 +340,10 @@ def weights_are_finite(model, rt):
     return not rt.any_rank(not finite.item())
 
 
-def log_line(record, max_steps, seconds_per_step):
-    minutes, seconds = divmod(round(seconds_per_step * (max_steps - record["step"])), 60)
+def log_line(record, max_steps, speed):
+    """The log's line for a record: the step's figures, and the time left at the run's mean speed so far."""
+    seconds_per_step = speed.seconds_per_step
+    minutes, seconds = divmod(round(speed.mean_seconds_per_step * (max_steps - record["step"])), 60)
     val = f" | val {record['val_loss']:.4f} ({record['val_bpb']:.3f} bpb)" if "val_loss" in record else ""
     if "hellaswag_acc_norm" in record:
         val += f" | hellaswag {record['hellaswag_acc_norm']:.4f}"

@@ -212,8 +212,15 @@ def test_resuming_with_another_max_steps_says_what_the_schedule_becomes(tmp_path
     notes = resolve(["--resume", "--out_dir", str(tmp_path), "--max_steps", "10"]).notes
     assert "decays to 3.00e-04 at step 10 instead of 4: 3.00e-04 at step 4, 2.17e-03 at step 5" in notes[0]
     for max_steps in ("4", "3"):  # at or below the checkpoint's step: nothing to train
-        with pytest.raises(UserError, match="is not beyond the checkpoint's step 4"):
+        with pytest.raises(UserError, match=f"is at step 4, and --max_steps {max_steps} is not beyond it: nothing to "
+                           f"train; to go on, give a larger one, e.g. --resume --max_steps 8"):
             resolve(["--resume", "--out_dir", str(tmp_path), "--max_steps", max_steps])
+
+
+def test_resume_can_switch_tensorboard_off(tmp_path):
+    save_run(tmp_path, "--tensorboard", "--max_steps", "4")
+    assert resolve(["--resume", "--out_dir", str(tmp_path), "--max_steps", "6"]).args.tensorboard
+    assert not resolve(["--resume", "--out_dir", str(tmp_path), "--max_steps", "6", "--no-tensorboard"]).args.tensorboard
 
 
 def test_a_checkpoint_of_one_optimizer_resumed_with_the_other_is_one_line(tmp_path):
@@ -273,6 +280,10 @@ BAD_OPTIONS = {
     "nan": (["--max_lr", "nan"], "must be a positive number"),
     "beta beyond 1": (["--beta2", "1.5"], "must be a number in [0, 1)"),
     "fsdp without torchrun": (["--fsdp"], "launch it with torchrun"),
+    "negative seed": (["--seed", "-1"], "must be an integer from 0 to 2**63 - 1"),
+    "seed too large": (["--seed", str(10**21)], "must be an integer from 0 to 2**63 - 1"),
+    "warmup beyond the run": (["--warmup_steps", "5"], "--warmup_steps 5 is beyond --max_steps 2"),
+    "min_lr above max_lr": (["--min_lr", "1e-2"], "--min_lr 0.01 is above --max_lr 0.003"),
 }
 
 
