@@ -90,8 +90,7 @@ def done_lines(args, last, seconds):
     val = f", val loss {last['val_loss']:.4f} ({last['val_bpb']:.3f} bits per byte)" if "val_loss" in last else ""
     out = args.out_dir
     return (f"done in {minutes}m{seconds:02d}s: {os.path.join(out, CHECKPOINT)} at step {last['step']}{val}, every "
-            f"record in {os.path.join(out, METRICS)}
-next: python sample.py --init_from {out} | python eval.py "
+            f"record in {os.path.join(out, METRICS)}\nnext: python sample.py --init_from {out} | python eval.py "
             f"--init_from {out} | python export.py --init_from {out} --out_dir {os.path.join(out, 'hf')} | python "
             f"plot.py {out} | more steps: python train.py --resume --out_dir {out} --max_steps {2 * last['step']}")
 
@@ -222,12 +221,16 @@ def train(run):
             if do_eval:
                 val = evaluate(run.model, validation_batches(run.loader, args.eval_steps, run.accum_steps), rt,
                                stop=stop_signal.requested)
-                stop = do_save = val is None
-                record.update({f"val_{name}": round(val[name], 6) for name in ("loss", "ppl", "bpb")} if val else {})
+                if val is None:
+                    stop = do_save = True
+                else:
+                    record.update({f"val_{name}": round(val[name], 6) for name in ("loss", "ppl", "bpb")})
             if do_hellaswag and not stop:
                 scores = hellaswag_accuracy(run.raw_model, run.hellaswag_items, rt, stop=stop_signal.requested)
-                stop = do_save = scores is None
-                record.update({f"hellaswag_{k}": round(v, 6) for k, v in scores.items()} if scores else {})
+                if scores is None:
+                    stop = do_save = True
+                else:
+                    record.update({f"hellaswag_{name}": round(value, 6) for name, value in scores.items()})
             run.metrics.write(record)
             if rt.master:
                 print(log_line(record, args.max_steps, speed), flush=True)

@@ -90,6 +90,26 @@ def test_sigterm_saves_a_checkpoint_that_resumes(small_text, tmp_path):
     assert records[-1]["step"] == step + 1
 
 
+def test_a_signal_during_an_evaluation_saves_and_stops_at_once_without_waiting_for_it(small_text, tmp_path):
+    # an evaluation of 100,000 batches (minutes): under torchrun the launcher kills the workers a set time after its
+    # signal, so the save cannot wait for the evaluation to end
+    cmd = [sys.executable, "train.py", "--dataset_path", small_text, "--out_dir", str(tmp_path), *TINY,
+           "--max_steps", "10", "--eval_interval", "1", "--eval_steps", "100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not proc.stdout.readline().startswith("model "):  # set up: step 1, then its evaluation
+            assert proc.poll() is None, proc.stderr.read()
+        time.sleep(4)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by signal at step 1; checkpoint saved" in out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
+    assert "val_loss" not in read_metrics(tmp_path)[-1]  # the evaluation dropped, the step's record kept
+
+
 # train.py with torch.save slowed down from its second call on: it writes half a file, says so, and waits, so that
 # a test can signal a process in the middle of a save
 SLOW_SECOND_SAVE = """
