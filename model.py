@@ -79,6 +79,8 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if packed is not None and packed.takes_varlen(q, dropout_p):
             y = packed.varlen_attention(q, k, v)
+        elif packed is not None and packed.takes_segments(q):
+            y = packed.segment_attention(q, k, v, dropout_p)
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, n_head, T, head_size)
             past = 0 if cache is None else cache.length
@@ -106,12 +108,13 @@ class PackedRows:
 
     On a GPU in bf16/fp16, through PyTorch's variable-length flash attention, which skips the blocks of other
     examples instead of masking them: the rows are one sequence of B * T tokens cut at the examples' starts. Finding
-    the starts (nonzero) waits for the device once per forward. Elsewhere (CPU, float32, dropout) a (B, 1, T, T) mask
-    for scaled_dot_product_attention. Both are built on first use and shared by the layers."""
+    the starts (nonzero) waits for the device once per forward. On a CPU, the causal kernel run on each example's
+    own tokens (segment_attention). Elsewhere (a GPU in float32 or with dropout, or under torch.compile) a
+    (B, 1, T, T) mask for scaled_dot_product_attention. Each is built on first use and shared by the layers."""
 
     def __init__(self, positions):
         self.positions = positions
-        self._mask = self._starts = None
+        self._mask = self._starts = self._lengths = None
 
     def mask(self):
         if self._mask is None:
@@ -120,6 +123,36 @@ class PackedRows:
             causal = torch.ones(T, T, dtype=torch.bool, device=example.device).tril()
             self._mask = ((example[:, :, None] == example[:, None, :]) & causal)[:, None]
         return self._mask
+
+    def takes_segments(self, q):
+        """Whether q's attention runs example by example: on a CPU, where the host has the positions at no cost (a
+        GPU would wait for them), outside torch.compile (the examples' lengths are data, the graph would break)."""
+        return q.device.type == "cpu" and not torch.compiler.is_compiling()
+
+    def segment_attention(self, q, k, v, dropout_p):
+        """(B, T, n_head, head_size) q, k, v -> the attention's output, in the same shape: SDPA's causal kernel on
+        each example alone (and on each row's padding tail, a segment of its own), in a Python loop. With a mask,
+        the CPU kernels compute all T x T scores of a row and mask most of them away; here each example costs what
+        it costs in a row of its own, plus the loop's ~1.5 ms a layer (forward and backward, the ~22 segments of a
+        GSM8K micro-batch of 16). The rows are one sequence of B * T tokens, split at the starts and joined back by
+        cat: in backward one copy each way, where slicing would add a zero-filled gradient of the whole batch per
+        segment.
+
+        In float32 even under bf16 autocast: PyTorch's CPU flash attention's bf16 backward costs 4-7x its float32
+        one at these lengths (~150 tokens, head size 32: 2.8 vs 0.6 ms), more than bf16 saves anywhere else in
+        attention, which is a small share of a step's FLOPs. float32 is also the more accurate of the two."""
+        B, T, H, D = q.shape
+        if self._lengths is None:
+            starts = self.positions == 0
+            starts[:, 0] = True  # a row starts a segment whatever its first position (rows are never joined)
+            flat = torch.nonzero(starts.flatten()).flatten().tolist() + [B * T]
+            self._lengths = [end - start for start, end in zip(flat, flat[1:])]
+        with torch.autocast("cpu", enabled=False):  # (autocast would run SDPA in bf16 again)
+            segments = zip(*(t.reshape(B * T, H, D).float().split(self._lengths) for t in (q, k, v)))
+            y = torch.cat([F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in qkv), is_causal=True,
+                                                          dropout_p=dropout_p)[0].transpose(0, 1)
+                           for qkv in segments])
+        return y.to(q.dtype).view(B, T, H, D)
 
     def takes_varlen(self, q, dropout_p):
         """Whether q's attention can run varlen's flash kernel: bf16/fp16 on an Ampere or later GPU (a T4 or V100

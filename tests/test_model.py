@@ -332,3 +332,92 @@ def test_attention_never_crosses_from_one_packed_example_into_another():
     torch.testing.assert_close(changed_logits[0, :6], logits[0, :6])  # the one before it: unchanged
     torch.testing.assert_close(changed_logits[0, 10:15], logits[0, 10:15])  # the one after it too
     assert not torch.allclose(changed_logits[0, 6:10], logits[0, 6:10])
+
+
+def packed_and_alone(model, examples, width, dtype):
+    """Per-token losses and the summed loss's gradients of the examples packed into rows of `width`, then of each
+    example in a row of its own, under autocast in dtype: ((losses, gradients) packed, the same alone, the places)."""
+    idx, positions, places = packed_rows(examples, width)
+    targets = torch.full(idx.shape, -100)
+    for example, (row, start) in zip(examples, places):
+        targets[row, start : start + len(example)] = torch.randint(0, 97, (len(example),))
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        _, packed = model(idx, targets, loss_reduction="none", positions=positions)
+    packed.sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone, total = [], 0
+    for example, (row, start) in zip(examples, places):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            _, losses = model(torch.tensor([example]), targets[row : row + 1, start : start + len(example)],
+                              loss_reduction="none")
+        alone.append(losses[0].detach())
+        total = total + losses.sum()
+    total.backward()
+    alone_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return (packed.detach(), packed_grads), (alone, alone_grads), places
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_examples_of_every_length_on_a_cpu_run_each_alone_without_a_dense_mask(monkeypatch, dtype):
+    # On a CPU the packed rows run the causal kernel on each example's own tokens (PackedRows.segment_attention):
+    # examples of one token, a row that is one example, rows that end in padding (a segment of its own), the
+    # examples' segments split from and joined back into the rows. The (B, 1, T, T) mask is never built.
+    monkeypatch.setattr(model_module.PackedRows, "mask", lambda self: pytest.fail("dense mask built on a CPU"))
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=32))
+    # rows: 1+2+3+5+8+13 (full), 32 (one example), 21+7+4 (full), 31 + 1 of padding, 11+16+1 + 4 of padding
+    lengths = (1, 2, 3, 5, 8, 13, 32, 21, 7, 4, 31, 11, 16, 1)
+    examples = [torch.randint(0, 97, (n,)).tolist() for n in lengths]
+    (packed, packed_grads), (alone, alone_grads), places = packed_and_alone(model, examples, 32, dtype)
+    assert packed.shape[0] == 5 and places[6] == (1, 0) and places[10] == (3, 0)
+    # bf16: the packed attention runs in float32, alone in bf16; the bound holds with or without bf16 units
+    # (measured: 0.008 nats and 0.6% of a gradient's norm at most)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.05)
+    for example_losses, (row, start) in zip(alone, places):
+        torch.testing.assert_close(packed[row, start : start + len(example_losses)], example_losses, **tolerance)
+    for packed_grad, alone_grad in zip(packed_grads, alone_grads):
+        if dtype == torch.float32:
+            torch.testing.assert_close(packed_grad, alone_grad, rtol=1e-4, atol=1e-6)
+        else:
+            assert (packed_grad - alone_grad).norm() <= 0.03 * alone_grad.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_changing_one_packed_example_leaves_the_others_logits_unchanged_in_either_dtype(dtype):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=32)).eval()
+    examples = [torch.randint(0, 97, (n,)).tolist() for n in (9, 1, 14, 5, 20, 12)]
+    idx, positions, places = packed_rows(examples, 32)
+    row, start = places[2]
+    changed = idx.clone()
+    changed[row, start : start + 14] = (changed[row, start : start + 14] + 1) % 97
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        logits = model(idx, idx, positions=positions)[0].float()
+        changed_logits = model(changed, changed, positions=positions)[0].float()
+    inside = torch.zeros(idx.shape, dtype=torch.bool)
+    inside[row, start : start + 14] = True
+    # the others are computed from the same values in the same order: equal to the bit
+    assert torch.equal(changed_logits[~inside], logits[~inside])
+    assert not torch.allclose(changed_logits[inside], logits[inside])
+
+
+def test_packed_rows_train_with_dropout_and_recompute_it_exactly_under_activation_checkpointing():
+    # dropout: SDPA's dropout_p in each example's attention (the math kernel: the fused CPU one has none)
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=32, dropout=0.2))
+    examples = [torch.randint(0, 97, (n,)).tolist() for n in (9, 1, 14, 5, 20, 12)]
+    idx, positions, _ = packed_rows(examples, 32)
+    runs = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        torch.manual_seed(1)
+        _, loss = model(idx, idx, positions=positions)
+        loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = runs
+    torch.testing.assert_close(loss_checkpointed, loss, rtol=0, atol=0)
+    torch.testing.assert_close(grads_checkpointed, grads, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(model.eval()(idx, idx, positions=positions)[1], loss)  # the dropout acted
