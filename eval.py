@@ -15,13 +15,15 @@ compare. Prints a line per metric, then one JSON line.
 import json
 import os
 import sys
+import tempfile
+import time
 
 from checkpoint import is_checkpoint, load_checkpoint, load_model
 from data import ExampleLoader
 from tokenizer import IGNORE_INDEX
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag, windows
 from cli import HelpFormatter, OneLineParser, UserError, add_device_flags, non_negative_int, positive_int, print_error
-from files import DataError, write_atomically
+from files import DataError, WriteError, write_atomically
 from options import add_data_flags, given_flags, make_loader
 from runtime import setup_runtime
 
@@ -47,6 +49,8 @@ def build_parser():
       help="a folder of lm-eval task YAML files, added to the harness's")
     a("--limit", type=positive_int, help="--tasks: the first N documents of each task")
     a("--num_fewshot", type=non_negative_int, help="--tasks: examples in each prompt (default: each task's)")
+    a("--results_path", help="--tasks: where the harness's whole results go (default: lm_eval.json beside the "
+      "checkpoint; for a hub name, in the current directory)")
     add_device_flags(p)
     return p
 
@@ -68,11 +72,27 @@ def evaluate_split(model, args, rt):
         batches = example_batches(loader, args.split, args.batch_size, args.max_tokens)
     else:
         batches = windows(loader.splits[args.split], args.seq_len, args.batch_size, args.max_tokens)
-    result = evaluate(model, batches, rt)
+    result = evaluate(model, with_progress(batches, args.max_tokens), rt)
     return {"loss": result["loss"], "ppl": result["ppl"], "bpb": result["bpb"], "tokens": result["labels"]}
 
 
-def run_harness(model, rt, args):
+def with_progress(batches, max_tokens):
+    """The batches, with a line on stderr at most once a second of the tokens predicted so far (a split of shards
+    takes minutes), the last figure when they end."""
+    predicted, shown, started = 0, 0.0, time.time()
+    for batch in batches:
+        yield batch
+        predicted += int((batch[1] != IGNORE_INDEX).sum())
+        if time.time() - shown >= 1:
+            shown = time.time()
+            of = f" of about {max_tokens:,}" if max_tokens else ""
+            print(f"\revaluating: {predicted:,}{of} tokens, {predicted / (shown - started):,.0f} tokens/s", end="",
+                  file=sys.stderr, flush=True)
+    if shown:
+        print(f"\revaluating: {predicted:,} tokens in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def run_harness(model, rt, args, path):
     """lm-eval's tasks (harness.py), each metric as "task_metric"; the harness's whole results are written to
     lm_eval.json beside the checkpoint (for a hub name, in the current directory)."""
     try:
@@ -88,13 +108,28 @@ def run_harness(model, rt, args):
         raise UserError(f"--tasks_path {args.tasks_path} is not a folder: give a folder of lm-eval task YAML files")
     out = harness.run_tasks(model, rt, names, args.seq_len, args.batch_size, args.limit, args.num_fewshot,
                             args.tasks_path)
-    where = args.init_from if os.path.isdir(args.init_from) else os.path.dirname(args.init_from) \
-        if is_checkpoint(args.init_from) else "."
-    path = os.path.join(where, "lm_eval.json")
-    write_atomically(path, lambda f: f.write(json.dumps(out["results"], indent=1, default=str)), mode="w")
-    print(f"lm-eval results: {path}", file=sys.stderr)
+    try:
+        write_atomically(path, lambda f: f.write(json.dumps(out["results"], indent=1, default=str)), mode="w")
+        print(f"lm-eval results: {path}", file=sys.stderr)
+    except WriteError as e:  # (checked before any evaluation: the folder changed since) the figures still print
+        print(f"warning: {e}", file=sys.stderr)
     return {f"{task}_{metric.split(',')[0]}": value for task, metrics in out["results"].items()
             for metric, value in metrics.items() if isinstance(value, float) and not metric.endswith("_stderr")}
+
+
+def results_path(args):
+    """--results_path, or lm_eval.json beside the checkpoint; checked to be writable before any task runs, so that
+    minutes of evaluation are never thrown away for a read-only folder."""
+    where = args.init_from if os.path.isdir(args.init_from) else os.path.dirname(args.init_from) \
+        if is_checkpoint(args.init_from) else "."
+    path = args.results_path or os.path.join(where, "lm_eval.json")
+    try:
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write the results to {path} ({e.strerror}): pass --results_path FILE in a folder "
+                        f"you can write to")
+    return path
 
 
 def main(argv=None):
@@ -117,6 +152,7 @@ def main(argv=None):
                             f"({model.config.block_size})")
         args.seed = saved.get("seed", 1337)  # the seed of the Alpaca split and of the loaders' defaults (make_loader)
         results = {"model": args.init_from}
+        path = results_path(args) if args.tasks else None  # before any evaluation: a refusal costs nothing
         if args.dataset_path != "none":
             split = evaluate_split(model, args, rt)
             results.update({f"{args.split}_{name}": value for name, value in split.items()})
@@ -126,10 +162,13 @@ def main(argv=None):
             scores = hellaswag_accuracy(model, items, rt)
             results.update({"hellaswag_items": len(items), **{f"hellaswag_{k}": v for k, v in scores.items()}})
         if args.tasks:
-            results.update(run_harness(model, rt, args))
+            results.update(run_harness(model, rt, args, path))
     except (UserError, DataError) as e:
         print_error(e)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C while loading or evaluating: stop, without a traceback
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     for key, value in results.items():
         print(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}")
     print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in results.items()}))

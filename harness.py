@@ -17,6 +17,8 @@ repo's tasks/ folder by default, whose shakespeare_val runs offline).
 """
 
 import os
+import sys
+import time
 
 import torch
 from lm_eval import simple_evaluate
@@ -35,6 +37,18 @@ class HarnessModel(LM):
         super().__init__()
         self.model, self.rt, self.seq_len, self.batch_size = model.eval(), rt, seq_len, batch_size
         self.tokenizer = get_tokenizer()
+        self.asked = False  # whether the harness has sent a request yet (its tasks built by then)
+
+    def requests(self, requests):
+        """The harness's requests, with a progress line on stderr (the first lm-eval call can take minutes)."""
+        self.asked = True
+        shown = 0.0
+        for k, request in enumerate(requests, 1):
+            if time.time() - shown >= 1 or k == len(requests):
+                shown = time.time()
+                print(f"\rlm-eval: {k:,}/{len(requests):,} requests", end="\n" if k == len(requests) else "",
+                      file=sys.stderr, flush=True)
+            yield request
 
     @torch.no_grad()
     def nats(self, x, y):
@@ -45,7 +59,7 @@ class HarnessModel(LM):
         return nats.float(), logits
 
     def loglikelihood(self, requests):
-        return [self.continuation_loglikelihood(*request.args) for request in requests]
+        return [self.continuation_loglikelihood(*request.args) for request in self.requests(requests)]
 
     def continuation_loglikelihood(self, context, continuation):
         """(log p(continuation | context), whether greedy decoding gives it). Every token of the continuation counts,
@@ -68,7 +82,7 @@ class HarnessModel(LM):
 
     def loglikelihood_rolling(self, requests):
         results = []
-        for request in requests:
+        for request in self.requests(requests):
             tokens = [EOT_TOKEN] + self.tokenizer.encode_ordinary(request.args[0])
             total = sum(self.nats(x, y)[0].sum().item() for x, y, _ in windows(tokens, self.seq_len, self.batch_size,
                                                                              None))
@@ -77,7 +91,7 @@ class HarnessModel(LM):
 
     def generate_until(self, requests):
         results = []
-        for request in requests:
+        for request in self.requests(requests):
             context, settings = request.args
             until = settings.get("until") or []
             until = [u for u in ([until] if isinstance(until, str) else until) if u]  # (lm-eval allows one string)
@@ -122,9 +136,17 @@ def run_tasks(model, rt, names, seq_len, batch_size, limit=None, num_fewshot=Non
         raise UserError(f"unknown lm-eval task {', '.join(unknown)}: `lm-eval ls tasks` lists the harness's (their "
                         f"data downloads when online); YAML files in {include_path} add offline ones, e.g. "
                         f"shakespeare_val")
+    lm = HarnessModel(model, rt, seq_len, batch_size)
     try:
-        return simple_evaluate(model=HarnessModel(model, rt, seq_len, batch_size), tasks=names, limit=limit,
-                               num_fewshot=num_fewshot, task_manager=manager, log_samples=False, bootstrap_iters=0)
+        return simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
+                               log_samples=False, bootstrap_iters=0)
     except ConnectionError as e:  # a harness task's data comes from the Hugging Face hub (datasets raises this)
         raise UserError(f"--tasks {', '.join(names)}: cannot download the task's data ({first_line(e)}): run "
                         f"online once (the datasets cache keeps it), or use the offline tasks of {include_path}")
+    except Exception as e:
+        if lm.asked:  # the model was running: not the task's definition, so no one-line story to tell
+            raise
+        # before the first request: the harness building the task from its YAML (an unknown output_type, a
+        # !function whose module is missing, a Jinja template that does not parse, no dataset_path, ...)
+        raise UserError(f"--tasks {', '.join(names)}: the harness could not build the task ({type(e).__name__}: "
+                        f"{first_line(e, 150)}): fix its YAML (in {include_path}, for this repo's tasks)")

@@ -82,3 +82,23 @@ def test_a_checkpoint_s_run_gives_the_data_defaults_and_the_flags_given_win(tmp_
     (tmp_path / "other.txt").write_text(open(small_text).read()[:8000])
     given = run_eval(capsys, "--init_from", str(tmp_path / "run"), "--dataset_path", str(tmp_path / "other.txt"))
     assert given["dataset"] == f"text:{tmp_path / 'other.txt'}" and given["val_tokens"] < saved["val_tokens"]
+
+
+def test_ctrl_c_while_evaluating_stops_without_a_traceback(tmp_path, small_text, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(eval_script, "evaluate", interrupted)
+    save_random_model(str(tmp_path), dataset_type="text", dataset_path=small_text, seq_len=32)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_script.main(["--init_from", str(tmp_path), "--device", "cpu"])
+    assert exit_info.value.code == 130 and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_long_evaluation_shows_its_progress(tmp_path, small_text, capsys, monkeypatch):
+    save_random_model(str(tmp_path), dataset_type="text", dataset_path=small_text, seq_len=32)
+    clock = iter(range(0, 10_000, 2))  # two seconds between batches: a line each
+    monkeypatch.setattr(eval_script.time, "time", lambda: next(clock))
+    eval_script.main(["--device", "cpu", "--dtype", "float32", "--init_from", str(tmp_path)])
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert f"evaluating: {result['val_tokens']:,} tokens in" in err

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import sys
 from types import SimpleNamespace
 
@@ -105,6 +106,48 @@ def harness_docs(n):
     finally:
         sys.path.remove(harness.TASKS_DIR)
     return [row["text"] for row in shakespeare.validation_split()["validation"]][:n]
+
+
+BROKEN_TASKS = {  # task files that parse as YAML but that the harness cannot build
+    "a Jinja template that does not parse": "doc_to_target: '{{ text '\n",
+    "an unknown output_type": "output_type: guessing\n",
+    "a !function whose module is missing": "custom_dataset: !function no_such_module.split\n",
+    "no dataset_path": None,
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=[] if k == 0 else pytest.mark.slow)
+                                  for k, case in enumerate(BROKEN_TASKS)])
+def test_a_task_file_the_harness_cannot_build_is_one_line_naming_the_task(case, tmp_path, capsys):
+    tiny_checkpoint(tmp_path)
+    base = (open(os.path.join(harness.TASKS_DIR, "shakespeare_val.yaml")).read().replace("shakespeare_val", "broken")
+            .replace("custom_dataset: !function shakespeare.validation_split\n", "dataset_path: text\n"))
+    if case == "no dataset_path":
+        base = base.replace("dataset_path: text\n", "")
+    else:
+        key = BROKEN_TASKS[case].split(":")[0]
+        base = "\n".join(line for line in base.splitlines() if not line.startswith(key + ":")) + "\n" + \
+            BROKEN_TASKS[case]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "broken.yaml").write_text(base)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_script.main(["--init_from", str(tmp_path), "--dataset_path", "none", "--device", "cpu", "--tasks",
+                          "broken", "--tasks_path", str(tmp_path / "tasks"), "--limit", "2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --tasks broken: ") and "fix its YAML" in err[0] or \
+        err[0].startswith("error: unknown lm-eval task broken"), err  # (a file the registry skips: unknown)
+
+
+def test_results_that_cannot_be_written_are_refused_before_any_evaluation(tmp_path, capsys, monkeypatch):
+    tiny_checkpoint(tmp_path)
+    monkeypatch.setattr(eval_script, "evaluate_split", lambda *a: pytest.fail("evaluated before the refusal"))
+    with pytest.raises(SystemExit) as exit_info:
+        eval_script.main(["--init_from", str(tmp_path), "--dataset_path", "input.txt", "--device", "cpu",
+                          "--tasks", "shakespeare_val", "--results_path", str(tmp_path / "gone" / "lm_eval.json")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "cannot write the results to" in err and "pass --results_path FILE" in err
 
 
 # slow: each reads the harness's whole task registry (pytest -m slow)
