@@ -1,4 +1,5 @@
 import argparse
+import os
 import re
 import types
 
@@ -11,7 +12,7 @@ import options
 import train
 from checkpoint import save_checkpoint
 from cli import UserError
-from conftest import TINY, without_model_flag
+from conftest import REPO, TINY, without_model_flag
 from files import DataError
 from model import GPT, GPTConfig, preset_config
 from options import resolve
@@ -308,3 +309,41 @@ def test_bad_input_gets_one_line_and_leaves_out_dir_untouched(case, tmp_path, ca
 
 def test_fsdp_under_torchrun_is_accepted_on_any_number_of_processes(tmp_path):
     assert resolved(tmp_path, "--fsdp", world_size=1).args.fsdp  # torchrun --nproc_per_node=1 included
+
+
+def readme_option_table():
+    """{flag: the default column} of README's table of train.py's options (the one under "## Training"), a row of
+    several flags giving each its own of the comma-separated defaults."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    table = text[text.index("## Training"):].split("\n\n")[2]  # (after the heading and its sentence)
+    rows = {}
+    for line in table.splitlines()[2:]:
+        flags_cell, default_cell = [cell.strip() for cell in line.strip("|").split("|")[:2]]
+        flags = re.findall(r"(--\w+)", flags_cell)
+        defaults = [d.strip() for d in default_cell.split(",")] if len(flags) > 1 else [default_cell]
+        if len(defaults) != len(flags):  # one default for them all ("off", "from the preset")
+            defaults = defaults[:1] * len(flags)
+        rows.update(zip(flags, defaults))
+    return rows
+
+
+def test_readme_s_option_table_gives_the_defaults_help_gives():
+    parser, rows = options.build_parser(), readme_option_table()
+    defaults = {action.option_strings[0]: action.default for action in parser._get_optional_actions()
+                if action.option_strings}  # (a test may read argparse's list; the code never does)
+    assert len(rows) >= 25 and set(rows) <= set(defaults), set(rows) - set(defaults)
+    for flag, readme in rows.items():
+        value = defaults[flag]
+        name = flag.removeprefix("--")
+        if value is None and name in options.DEFAULTS:  # the optimizer's: README's figure is the default optimizer's
+            value = options.DEFAULTS[name][options.DEFAULTS["optimizer"]["argparse"]]
+        shown = readme.strip("`").split(" ")[0]
+        if isinstance(value, bool):
+            assert shown == ("on" if value else "off"), (flag, readme)
+        elif isinstance(value, (int, float)):
+            assert float(shown) == value, (flag, readme, value)
+        elif isinstance(value, str):
+            assert shown == value, (flag, readme, value)
+        else:  # None: no value; README says what stands in for it (derived from other options, or none)
+            assert not re.fullmatch(r"[\d.e+-]+", shown), (flag, readme)
