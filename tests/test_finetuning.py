@@ -148,6 +148,9 @@ def test_train_alpaca_sh_fine_tunes_with_train_py_s_recipe_and_trains_from_scrat
     assert alpaca[alpaca.index("--dataset_type") + 1] == "alpaca"
     told = flags(DATASET_PATH=str(tmp_path / "alpaca.json"), DATASET_TYPE="chat")  # a type given wins
     assert told[told.index("--dataset_type") + 1] == "chat"
+    # each kind of data into its own out_dir, so that the chat example does not collide with the Alpaca one
+    assert alpaca[alpaca.index("--out_dir") + 1] == "out-alpaca" and told[told.index("--out_dir") + 1] == "out-chat"
+    assert flags(OUT_DIR="mine")[flags(OUT_DIR="mine").index("--out_dir") + 1] == "mine"
 
 
 
