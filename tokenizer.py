@@ -1,8 +1,5 @@
-"""
-GPT-2's tokenizer, its special ids, and the two prompt templates (Alpaca, chat) rendered alike in training, sampling,
-export and the lm-eval harness. Imports no project module: model.py takes IGNORE_INDEX from here and so stays free of
-files and flags.
-"""
+"""GPT-2's tokenizer, its special ids, and the two prompt templates (Alpaca, chat) rendered alike in training,
+sampling, export and the lm-eval harness. Imports no project module: model.py takes IGNORE_INDEX from here."""
 
 import base64
 import functools
@@ -25,27 +22,18 @@ def get_tokenizer():
 
     with open(TOKENIZER_FILE, "rb") as f:
         ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT_TOKEN},
-        explicit_n_vocab=EOT_TOKEN + 1,
-    )
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=EOT_TOKEN + 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Alpaca: Stanford Alpaca's PROMPT_DICT (tatsu-lab/stanford_alpaca, train.py), word for word.
 
-ALPACA_PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
+ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n"
+                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
 
 
 def alpaca_prompt(instruction, input=""):
@@ -67,27 +55,22 @@ def alpaca_prompt(instruction, input=""):
 #
 # Each message's text is stripped of the whitespace around it, as most chat templates do: the newline ending a header
 # is then always a token of its own, so the tokens of a conversation up to "Assistant:\n" (what sample.py feeds the
-# model before a reply) are exactly the first tokens of the conversation with the reply. This is the one definition:
-# chat_pieces renders it for training and sampling, chat_template writes it as the Jinja template that export.py
-# gives transformers, and a test holds the two to the same tokens.
+# model before a reply) are exactly the first tokens of the conversation with the reply. The one definition:
+# chat_pieces renders it, chat_template writes it as Jinja for export.py; a test holds the two to the same tokens.
 
-CHAT_HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n"}
-CHAT_ENDS = {"system": "\n\n", "user": "\n\n", "assistant": "<|endoftext|>"}
-CHAT_START = "<|endoftext|>"
-# the roles of OpenAI's "messages" ("role"/"content") and ShareGPT's "conversations" ("from"/"value"), as the
-# template names them. Others (OpenAI's "tool" and "function") are refused, never dropped.
-CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 # A message's text is text: one that spells <|endoftext|> gets the tokens of those 13 characters, never the control
-# token (which would end a reply in mid-reply, or start a conversation in a user's message). Only the template's
-# own <|endoftext|> (the start, each reply's end) are the control token.
-CONTROL = "<|endoftext|>"
+# token, which only the template's own <|endoftext|> are (the start, each reply's end).
+CONTROL = CHAT_START = "<|endoftext|>"
+CHAT_HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n"}
+CHAT_ENDS = {"system": "\n\n", "user": "\n\n", "assistant": CONTROL}
+# OpenAI's roles and ShareGPT's, as the template names them; others ("tool", "function") are refused, never dropped
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 
 
 def chat_pieces(messages, add_generation_prompt=False):
     """A conversation ([{"role", "content"}] with roles system, user, assistant) as the template's text, in pieces
-    (text, is_reply, is_control): is_reply marks each assistant message's text and the <|endoftext|> that ends it,
-    the tokens trained on; is_control the template's <|endoftext|>. add_generation_prompt appends the header that
-    asks for the assistant's next reply."""
+    (text, is_reply, is_control): is_reply marks each reply's text and the <|endoftext|> ending it (the tokens
+    trained on), is_control the template's <|endoftext|>. add_generation_prompt asks for the next reply."""
     pieces = [(CHAT_START, False, True)]
     for message in messages:
         role = message["role"]
@@ -114,8 +97,7 @@ def chat_tokens(messages, add_generation_prompt=False):
         else:
             run += text
     tokens += tokenizer.encode_ordinary(run)
-    # the character each token starts at, against the pieces' spans (the ordinary tokens of a message that spells
-    # <|endoftext|> decode to the same characters as the control token: the offsets hold either way)
+    # the character each token starts at, against the pieces' spans (a spelled <|endoftext|> has the same characters)
     _, starts = tokenizer.decode_with_offsets(tokens)
     bounds = np.cumsum([0] + [len(text) for text, _, _ in pieces])
     piece_of = np.searchsorted(bounds, starts, side="right") - 1
