@@ -5,6 +5,11 @@ What a run leaves in its --out_dir, and the one way back to a model:
     metrics.jsonl   MetricsLog: one JSON object per log line
     load_model(X)   a GPT from a checkpoint, an out_dir, a Hugging Face directory or a hub name
 
+A LoRA run's ckpt.pt (train.py --lora_rank) holds the adapters in place of the model's weights, and under "lora"
+their settings and what identifies the base they go on: its source (--init_from's, absolute; None for the random
+initialisation of the run's --seed) and lora.base_checksum. load_model loads that base, checks it, and returns the
+model with the adapters merged: a LoRA checkpoint is read like any other.
+
 Batches and dropout masks are functions of (seed, step) (data.py, step.train_step), so the step is all the
 position a checkpoint needs to resume exactly.
 """
@@ -17,6 +22,7 @@ import zlib
 import torch
 
 import hf
+import lora
 from files import HOST, WriteError, describe_write_failure, parse_json, write_atomically
 from model import GPT, GPTConfig
 from cli import UserError
@@ -30,13 +36,14 @@ LOCK = ".lock"  # held by the run writing to the out_dir (claim_out_dir)
 CHECKSUM = "crc32"
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, args, write=True):
+def save_checkpoint(path, model, optimizer, scaler, step, args, write=True, lora_base=None):
     """Everything resuming needs: the model's state dict (never a compiled or DDP-wrapped module's), the optimizer's
     and the GradScaler's, the step, the model's config and the run's (args). A sharded (FSDP) model's states are
     gathered first, in full: one format, whatever the run. Every rank calls this (gathering is a collective); the
     one with write=True writes. Written to a temporary file and renamed, so a crash never leaves half a checkpoint.
     With the CRC32 of its tensors (checksum): torch.load checks the file's structure but not the tensors' bytes, so
-    without it a bit flipped on disk or in a copy would load and be trained or sampled from."""
+    without it a bit flipped on disk or in a copy would load and be trained or sampled from. A model with LoRA
+    adapters saves them alone (parallel.training_state), with their settings and lora_base (base_identity's)."""
     model_state, optimizer_state = training_state(model, optimizer)
     if not write:
         return
@@ -48,6 +55,8 @@ def save_checkpoint(path, model, optimizer, scaler, step, args, write=True):
         "step": step,
         "config": vars(args),
     }
+    if lora.adapted(model):
+        state["lora"] = {**lora.adapter_settings(model), **lora_base}
     # one checksum a part: a script that needs the weights alone (sample.py, export.py) verifies them alone, and
     # does not read the optimizer state (twice the weights, under AdamW) from a memory-mapped file
     state[CHECKSUM] = {part: checksum(value) for part, value in state.items()}
@@ -108,7 +117,7 @@ def load_checkpoint(path, mmap=False, verify=True, parts=None):
     if verify and saved is not None and damaged(ckpt, saved, parts):
         raise UserError(f"checkpoint {path} is damaged: its tensors do not match the checksum written with them (a "
                         f"bad disk or an incomplete copy); use another copy or an earlier checkpoint")
-    ckpt["model"], ckpt["model_config"] = checked_model(ckpt["model"], ckpt["model_config"], path)
+    ckpt["model"], ckpt["model_config"] = checked_model(ckpt["model"], ckpt["model_config"], path, ckpt.get("lora"))
     if verify:  # (train.py never writes such a checkpoint; an older version could, from a diverged run)
         not_finite = next((name for name, t in ckpt["model"].items() if not torch.isfinite(t).all()), None)
         if not_finite:
@@ -122,14 +131,17 @@ SHAPE_OF_WEIGHTS = {"vocab_size": ("transformer.wte.weight", 0), "n_embd": ("tra
                     "block_size": ("transformer.wpe.weight", 0)}
 
 
-def checked_model(weights, model_config, path):
+def checked_model(weights, model_config, path, lora_settings=None):
     """The checkpoint's weights and model config, made to fit each other where that is unambiguous, else refused
     with one line: the prefixes of a compiled (_orig_mod.) or DDP-wrapped (module.) model are stripped; a field the
     config lacks is taken from the weights where they tell it (sizes, layers, biases); a field this version does not
-    know, a size the weights contradict, or weights that are missing or extra for the config are refused."""
+    know, a size the weights contradict, or weights that are missing or extra for the config are refused. A LoRA
+    checkpoint's weights are its adapters: checked against those its settings put on a model of its config."""
     if not isinstance(weights, dict) or not isinstance(model_config, dict):
         raise UserError(f"checkpoint {path} has no model config or no weights: it was not written by train.py")
     weights = {strip_prefixes(name): tensor for name, tensor in weights.items()}
+    if lora_settings is not None:
+        return checked_adapters(weights, model_config, path, lora_settings)
     told = {name: weights[key].shape[dim] for name, (key, dim) in SHAPE_OF_WEIGHTS.items() if key in weights}
     told["n_layer"] = len({name.split(".")[2] for name in weights if name.startswith("transformer.h.")})
     told["bias"] = "transformer.ln_f.bias" in weights
@@ -158,6 +170,24 @@ def checked_model(weights, model_config, path):
     return weights, config
 
 
+def checked_adapters(weights, model_config, path, settings):
+    """checked_model for a LoRA checkpoint: its config complete (it was written whole by train.py), its adapters
+    those that its LoRA settings put on a model of that config."""
+    try:
+        with torch.device("meta"):
+            model = GPT(GPTConfig(**model_config))
+            lora.add_adapters(model, settings["rank"], settings["alpha"], settings["dropout"], settings["targets"])
+        expected = lora.adapter_state_dict(model)
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"checkpoint {path} has an impossible model or LoRA config ({e}): it was written by another "
+                        f"version of this repo, or damaged")
+    wrong = sorted(set(weights) ^ set(expected)) or [name for name in weights if
+                                                      weights[name].shape != expected[name].shape]
+    if wrong:
+        raise UserError(f"checkpoint {path} is damaged: its LoRA adapters do not fit its settings (e.g. {wrong[0]})")
+    return weights, model_config
+
+
 def strip_prefixes(name):
     for prefix in ("_orig_mod.", "module."):
         while name.startswith(prefix):
@@ -173,9 +203,14 @@ def is_checkpoint(source):
 def load_model(source, dropout=0.0):
     """The one way to get a trained model, for --init_from and the scripts: from a checkpoint (a ckpt.pt, or the
     out_dir holding one), a Hugging Face GPT-2 directory (config.json + model.safetensors), or a hub name (gpt2,
-    gpt2-medium, gpt2-large, gpt2-xl). Returns the GPT in float32 on the CPU."""
+    gpt2-medium, gpt2-large, gpt2-xl). Returns the GPT in float32 on the CPU; a LoRA checkpoint's with its adapters
+    merged into the base's weights (load_adapted has them apart)."""
     if is_checkpoint(source):
         ckpt = load_checkpoint(source, mmap=True, parts=("model",))  # only the weights are read
+        if "lora" in ckpt:
+            model = adapted_model(ckpt, source, dropout)
+            lora.merge_adapters(model)
+            return model
         model = GPT(GPTConfig(**{**ckpt["model_config"], "dropout": dropout}))
         model.load_state_dict(ckpt["model"])
         return model
@@ -186,6 +221,55 @@ def load_model(source, dropout=0.0):
         return hf.from_pretrained(source, dropout=dropout)
     except ValueError as e:
         raise UserError(str(e))
+
+
+def load_adapted(source, dropout=0.0):
+    """A LoRA checkpoint's model with its adapters apart (float32, on the CPU), and its "lora" record; for another
+    checkpoint, or weights that are not one, (the model, None)."""
+    if is_checkpoint(source):
+        ckpt = load_checkpoint(source, mmap=True, parts=("model",))
+        if "lora" in ckpt:
+            return adapted_model(ckpt, source, dropout), ckpt["lora"]
+    return load_model(source, dropout), None
+
+
+def adapted_model(ckpt, path, dropout=0.0):
+    """A LoRA checkpoint's base (load_base), with its adapters on it, loaded."""
+    model = load_base(ckpt["lora"], ckpt["model_config"], path, dropout)
+    settings = ckpt["lora"]
+    lora.add_adapters(model, settings["rank"], settings["alpha"], settings["dropout"], settings["targets"])
+    lora.load_adapter_state_dict(model, ckpt["model"])
+    return model
+
+
+def base_identity(init_from, model, seed):
+    """What a LoRA checkpoint records of its base, so that loading it finds the same weights or says why not: the
+    --init_from source (a path made absolute, so that the checkpoint loads from any directory; a hub name as is;
+    None for a run from scratch, whose base is the random initialisation of --seed), and lora.base_checksum of the
+    float32 base as loaded (before lora.cast_base)."""
+    source = os.path.abspath(init_from) if init_from and os.path.exists(init_from) else init_from
+    return {"base": source, "base_seed": None if init_from else seed, "base_checksum": lora.base_checksum(model)}
+
+
+def load_base(record, model_config, path, dropout=0.0):
+    """The base of a LoRA checkpoint at path (its "lora" record: base_identity's), float32 on the CPU, checked to
+    be the weights the adapters were trained on; else one line saying what is wrong and what to do."""
+    source = record["base"]
+    if source is None:  # the random initialisation of the run's seed, as train.py makes it
+        torch.manual_seed(record["base_seed"])
+        model = GPT(GPTConfig(**{**model_config, "dropout": dropout}))
+        where = f"the random initialisation of --seed {record['base_seed']}"
+    else:
+        where = source
+        try:
+            model = load_model(source, dropout)
+        except UserError as e:
+            raise UserError(f"LoRA checkpoint {path}: its base {source} cannot be loaded ({e}): put the base weights "
+                            f"back there, or train the adapters anew from where they are now")
+    if lora.base_checksum(model) != record["base_checksum"]:
+        raise UserError(f"LoRA checkpoint {path}: its base {where} is not the weights its adapters were trained on "
+                        f"(their checksum differs): restore those weights there, or train the adapters anew on these")
+    return model
 
 
 def trained_with(source):

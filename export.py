@@ -13,6 +13,15 @@ its tokenizer_config.json carries the chat template that data was rendered in (t
 tokenizer.apply_chat_template(messages) gives the tokens the model was trained on; other models get none, and
 transformers refuses chat messages for them rather than render a template they never saw.
 
+A LoRA checkpoint (train.py --lora_rank) is exported with its adapters merged into its base: a plain GPT-2. With
+--peft, its adapters are exported alone instead, as a PEFT adapter directory (adapter_config.json,
+adapter_model.safetensors) for peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), DIR). BASE is
+where the base came from when that is a Hugging Face directory or hub name; when it is not (a checkpoint of ours, or
+a LoRA run from scratch), the base is exported too, to DIR/base (with the tokenizer), and adapter_config.json names
+that path.
+
+    python export.py --init_from out-lora --out_dir out/peft --peft
+
 A directory that already holds files is refused: Hugging Face loaders would read some stale ones (tokenizer.json,
 pytorch_model.bin, another model's shards) instead of the export's. --overwrite replaces it whole, old files gone.
 The export is written into a temporary directory beside --out_dir and renamed into place: a failed export leaves
@@ -26,8 +35,12 @@ import shutil
 import sys
 import tempfile
 
+import torch
+
 import hf
-from checkpoint import load_model, trained_on
+import lora
+from checkpoint import is_checkpoint, load_adapted, load_model, trained_on
+from model import GPT
 from cli import OneLineParser, UserError, print_error
 
 
@@ -40,10 +53,16 @@ def main(argv=None):
                    "holds files is refused without --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it holds files: they are all "
                    "deleted (one holding subdirectories is refused)")
+    p.add_argument("--peft", action="store_true", help="a LoRA checkpoint's adapters alone, as a PEFT adapter "
+                   "directory, instead of the merged model (with its base in --out_dir/base when the base is not a "
+                   "Hugging Face directory or hub name)")
     args = p.parse_args(argv)
     try:
         out_dir = os.path.realpath(args.out_dir)  # through a symlink: the link then points at the new export
         check_out_dir(out_dir, args)  # before loading: a refusal should not wait for gpt2-xl to load
+        if args.peft:
+            export_peft(args, out_dir)
+            return
         model = load_model(args.init_from)
         chat = has_chat_template(args.init_from)
 
@@ -59,6 +78,36 @@ def main(argv=None):
         sys.exit(2)
     print(f"wrote {args.out_dir}: {model.num_params() / 1e6:.2f}M parameters, loads with "
           f"transformers.GPT2LMHeadModel.from_pretrained({args.out_dir!r})")
+
+
+def export_peft(args, out_dir):
+    """--peft: the adapters of the LoRA checkpoint args.init_from as a PEFT adapter directory, and its base in
+    out_dir/base when transformers could not load the base from where it came from."""
+    model, record = load_adapted(args.init_from)
+    if record is None:
+        raise UserError(f"--peft exports LoRA adapters, and {args.init_from} is not a LoRA checkpoint (train one "
+                        f"with train.py --lora_rank R): drop --peft to export its weights")
+    base = record["base"]
+    with_base = base is None or is_checkpoint(base)  # a checkpoint of ours, or a random initialisation
+
+    def write(directory):
+        lora.save_peft(model, directory, os.path.join(out_dir, "base") if with_base else base)  # (into an empty one)
+        if with_base:
+            base_dir = os.path.join(directory, "base")
+            hf.save_pretrained(base_of(model), base_dir)
+            hf.save_tokenizer(base_dir, model.config.block_size, chat=has_chat_template(args.init_from))
+    write_whole(out_dir, write)
+    loads = f"GPT2LMHeadModel.from_pretrained({os.path.join(args.out_dir, 'base') if with_base else base!r})"
+    print(f"wrote {args.out_dir}: LoRA adapters of rank {record['rank']}, load with "
+          f"peft.PeftModel.from_pretrained({loads}, {args.out_dir!r})")
+
+
+def base_of(model):
+    """The frozen base of an adapted model as a plain GPT, its tensors shared, not copied."""
+    with torch.device("meta"):
+        base = GPT(model.config)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not lora.is_adapter_key(k)}, assign=True)
+    return base
 
 
 def has_chat_template(source):

@@ -64,6 +64,9 @@ def save_pretrained(model, directory):
     cfg = model.config
     if not cfg.bias:
         raise ValueError("GPT-2 in the Hugging Face format has biases; a model with bias=False cannot be saved")
+    if any(".lora_A." in key for key in model.state_dict()):  # (lora.py's; not imported: it imports nothing of ours)
+        raise ValueError("the model has LoRA adapters, which GPT-2's format has no place for: lora.merge_adapters "
+                         "first, or lora.save_peft for the adapters alone")
     tensors = {}
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight":

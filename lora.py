@@ -137,6 +137,14 @@ def adapter_settings(model):
             "targets": [t for t in TARGETS if t in names]}
 
 
+def adapter_count(cfg, rank, targets="all"):
+    """The adapters' parameters that add_adapters(GPT(cfg), rank, targets=targets) adds, without building it:
+    rank * (in + out) for each adapted projection of each block."""
+    d = cfg.n_embd
+    sides = {"attn.c_attn": d + 3 * d, "attn.c_proj": d + d, "mlp.c_fc": d + 4 * d, "mlp.c_proj": 4 * d + d}
+    return cfg.n_layer * rank * sum(sides[t] for t in parse_targets(targets))
+
+
 def cast_base(model, dtype):
     """Keep the frozen weight matrices of the blocks in dtype (bf16 for a bf16 run): half the base's memory, and
     under autocast no cast of each frozen weight in every forward (autocast caches the casts of trainable

@@ -119,7 +119,8 @@ def measured_matmul_flops(rt):
     return 2 * n**3 / best
 
 
-def memory_estimate(cfg, tokens, shards, activation_checkpointing, accumulating=False, low_precision=True):
+def memory_estimate(cfg, tokens, shards, activation_checkpointing, accumulating=False, low_precision=True,
+                    adapters=None):
     """Bytes a rank needs for a training step of GPT cfg on `tokens` tokens a micro-step, its weights, gradients
     and AdamW state split `shards` ways (1: DDP or one GPU; the processes for FSDP), by part. fp32 weights and
     optimizer (4 + 4 bytes a parameter, the gradient 4 more; FSDP accumulating over micro-steps without syncing
@@ -130,7 +131,13 @@ def memory_estimate(cfg, tokens, shards, activation_checkpointing, accumulating=
     at a time is rebuilt. The loss holds the logits and their fp32 softmax at once: 6 bytes a logit (8 in fp32).
     Under autocast each weight also has a bf16 copy for the step (2 bytes a parameter); FSDP instead gathers two
     blocks and the root at a time. The parts never all peak at once: their sum is an upper bound (also under Muon,
-    which keeps one moment of the blocks' matrices where AdamW keeps two)."""
+    which keeps one moment of the blocks' matrices where AdamW keeps two).
+    adapters: LoRA's case, that many adapter parameters (lora.adapter_count) trained on a frozen base, one copy a
+    rank (train.py refuses FSDP with LoRA): the blocks' matrices kept in the compute dtype (lora.cast_base), the
+    rest of the base in fp32, no gradient or optimizer state but the adapters'; the weight copies are the
+    adapters' and the tied head's (a frozen weight's cast is not cached, but the head's is kept for backward). The
+    activations are counted as for full training, an upper bound (a frozen matmul keeps no input for a weight
+    gradient; the adapters' own, rank numbers a token, are negligible)."""
     d, L, V, P = cfg.n_embd, cfg.n_layer, cfg.vocab_size, param_count(cfg)
     per_layer = 38 * d if low_precision else 64 * d
     gathered_bytes = 2 if low_precision else 4
@@ -143,8 +150,15 @@ def memory_estimate(cfg, tokens, shards, activation_checkpointing, accumulating=
     if activation_checkpointing:
         activations = tokens * L * 4 * d + tokens * per_layer
     gradients = 4 * P / shards + (4 * P if shards > 1 and accumulating else 0)
+    loss = tokens * V * (6 if low_precision else 8)
+    if adapters is not None:
+        matrices = 12 * d * d * L
+        base = matrices * (2 if low_precision else 4) + (P - matrices) * 4
+        copies = (V * d + adapters) * 2 if low_precision else 0
+        return {"weights": base + 4 * adapters, "gradients": 4 * adapters, "optimizer": 8 * adapters,
+                "weight copies": copies, "activations": activations, "loss": loss}
     return {"weights": 4 * P / shards, "gradients": gradients, "optimizer": 8 * P / shards,
-            "weight copies": copies, "activations": activations, "loss": tokens * V * (6 if low_precision else 8)}
+            "weight copies": copies, "activations": activations, "loss": loss}
 
 
 def param_count(cfg):

@@ -379,12 +379,15 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs (forward + backward) per token: 6 per matmul weight (the output layer included; embedding
-        lookups, biases and LayerNorms are not matmuls), plus attention's QK^T and AV, 12 * n_layer * n_embd *
-        seq_len (PaLM, appendix B, without its causal halving, as nanoGPT and most MFU figures count it)."""
+        """Training FLOPs (forward + backward) per token: 6 per matmul weight, 4 per frozen one (the output layer
+        included; embedding lookups, biases and LayerNorms are not matmuls), plus attention's QK^T and AV, 12 *
+        n_layer * n_embd * seq_len (PaLM, appendix B, without its causal halving, as nanoGPT and most MFU figures
+        count it)."""
         cfg = self.config
-        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        weights = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        # a frozen weight (LoRA's base) costs its forward and the gradient of its input, 4, and no weight gradient
+        matmuls = sum((6 if w.requires_grad else 4) * w.numel() for w in weights)
+        return matmuls + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation: one generator, which sample.py, train.py's end-of-run sample and the tests all use.

@@ -16,7 +16,8 @@ import argparse
 import dataclasses
 import os
 
-from checkpoint import CHECKPOINT, load_checkpoint, load_model, trained_with
+import lora
+from checkpoint import CHECKPOINT, load_base, load_checkpoint, load_model, trained_with
 from cli import (HelpFormatter, OneLineParser, UserError, add_device_flags, fraction, non_negative_float,
                  non_negative_int, positive_float, positive_int, seed)
 from data import LOADERS, accumulation_steps
@@ -30,20 +31,21 @@ from tracking import check_trackers
 # ----------------------------------------------------------------------------------------------------------------
 # Where a default comes from. The rule of precedence, the first source that sets an option deciding it:
 #
-#     the flags given  >  --resume: the checkpoint's config  >  --init_from: fine-tuning's  >  the optimizer's
-#     >  argparse's
+#     the flags given  >  --resume: the checkpoint's config  >  --lora_rank: LoRA's  >  --init_from: fine-tuning's
+#     >  the optimizer's  >  argparse's
 #
 # --resume takes every option from the checkpoint (as resolved when its run began), except those of RESUMABLE given
 # now. The other sources, for the options they set (every other option has argparse's default alone, at its flag):
 TRAINED_WITH = "the weights' optimizer"  # checkpoint.trained_with: a checkpoint's --optimizer; adamw for GPT-2's
 SAME_AS_MAX_LR = "--max_lr"  # a constant learning rate
 DEFAULTS = {
-    # option         argparse's           --optimizer adamw, muon        --init_from: fine-tuning's
-    "optimizer":    {"argparse": "muon",                                 "fine-tuning": TRAINED_WITH},
-    "max_lr":       {"argparse": None,    "adamw": 2e-3, "muon": 4e-3,   "fine-tuning": 3e-5},
+    # option         argparse's           --optimizer adamw, muon        --init_from: fine-tuning's   --lora_rank: LoRA's
+    "optimizer":    {"argparse": "muon",                                 "fine-tuning": TRAINED_WITH, "lora": "adamw"},
+    "max_lr":       {"argparse": None,    "adamw": 2e-3, "muon": 4e-3,   "fine-tuning": 3e-5,         "lora": 1e-3},
     "beta2":        {"argparse": None,    "adamw": 0.95, "muon": 0.99},
     "warmup_steps": {"argparse": 20,                                     "fine-tuning": 0},
     "min_lr":       {"argparse": None,                                   "fine-tuning": SAME_AS_MAX_LR},
+    "weight_decay": {"argparse": 0.1,                                                                 "lora": 0.0},
 }
 # The optimizer's: tuned on the default run (README.md, the optimizer). Under Muon they are the embeddings' and
 # gains' (AdamW's), which learn best faster, and with a longer memory of their gradients' scale, than AdamW alone can
@@ -51,6 +53,10 @@ DEFAULTS = {
 # Fine-tuning's: with --init_from the weights are already trained, and a from-scratch schedule would undo much of it
 # in a few steps: a small constant learning rate as in the classic recipes (nanoGPT's finetune config), with the
 # optimizer the weights were trained with. Chosen by measurement (README.md, fine-tuning).
+# LoRA's (--lora_rank, over fine-tuning's where both set one): AdamW, since Muon would orthogonalise the updates of
+# lora_A and lora_B, matrices of rank --lora_rank whose low rank is the point; no weight decay on the adapters (PEFT's
+# and the LoRA paper's: decay would pull B @ A back to 0, the base); a learning rate ~30x fine-tuning's, since only
+# the small adapters move and B starts at 0. Chosen by measurement (README.md, LoRA).
 # What is still None after every source is derived from the other options: --min_lr = --max_lr / 10
 # (derive_defaults); --seq_len = the model's context, --total_batch_size = batch_size * seq_len * processes, no
 # accumulation (batch_geometry); --muon_lr = MUON_LR_SCALE x --max_lr (optim.build_optimizer).
@@ -67,6 +73,9 @@ RESUMABLE = {"max_steps", "batch_size", "device", "dtype", "compile", "reduce_dt
              "activation_checkpointing", "packing", "log_interval", "eval_interval", "eval_steps", "save_interval",
              "sample_tokens", "out_dir", "resume", "overwrite", "hellaswag_path", "hellaswag_interval", "tensorboard",
              "wandb", "wandb_run_name"}
+
+
+LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")  # what the adapters compute: fixed on resume
 
 
 def by_optimizer(name):
@@ -98,6 +107,22 @@ def add_data_flags(p):
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True, help="alpaca and chat: put a "
                    "micro-batch's examples back to back in rows of --seq_len tokens, each computed as if alone, "
                    "instead of one padded row each: the same losses, less padding to compute")
+    return g
+
+
+def add_lora_flags(p):
+    """LoRA (lora.py): train.py's and bench.py's."""
+    g = p.add_argument_group("LoRA: fine-tuning low-rank adapters instead of the weights")
+    g.add_argument("--lora_rank", type=non_negative_int, default=0, help="train a LoRA adapter of this rank on each "
+                   "projection of --lora_targets, the model's own weights frozen (kept in the run's dtype: bf16 halves "
+                   "them); 0: off. Then --optimizer adamw --max_lr "
+                   f"{DEFAULTS['max_lr']['lora']:g} --weight_decay 0 unless given (LoRA's recipe); checkpoints hold "
+                   "the adapters, with what identifies the base weights (--init_from's) they go on")
+    g.add_argument("--lora_alpha", type=positive_float, help="the adapters' output is scaled by alpha / rank "
+                   "(default: 2 x --lora_rank, a scale of 2)")
+    g.add_argument("--lora_dropout", type=fraction, default=0.0, help="dropout on the adapters' input")
+    g.add_argument("--lora_targets", default="all", help="the projections adapted, comma-separated: all, attn, mlp, "
+                   "attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj (or c_attn, c_fc, c_proj, as PEFT names them)")
     return g
 
 
@@ -146,7 +171,8 @@ def add_schedule_flags(p):
     a("--muon_lr", type=positive_float, help=f"--optimizer muon: the peak learning rate of the Muon group (default: "
       f"{MUON_LR_SCALE:g} x --max_lr); the schedule scales it with --max_lr's")
     a("--muon_momentum", type=fraction, default=0.9, help="--optimizer muon: Muon's momentum")
-    a("--weight_decay", type=non_negative_float, default=0.1, help="weight decay, on matrices and embeddings only")
+    a("--weight_decay", type=non_negative_float, default=DEFAULTS["weight_decay"]["argparse"], help="weight decay, on "
+      "matrices and embeddings only (with --lora_rank, 0 unless given)")
     a("--beta1", type=fraction, default=0.9, help="AdamW beta1")
     a("--beta2", type=fraction, default=DEFAULTS["beta2"]["argparse"],
       help=f"AdamW beta2 (default: {by_optimizer('beta2')})")
@@ -167,6 +193,7 @@ def build_parser():
                        "gpt2, gpt2-medium, ... (downloaded when online). The defaults then become a fine-tuning recipe "
                        "that keeps what the weights know: --optimizer as the weights were trained (a checkpoint's; "
                        f"adamw for GPT-2's), {fine_tuning}, --min_lr = --max_lr (the flags you give win)")
+    add_lora_flags(p)
     add_batch_flags(p)
     add_step_flags(p)
     add_schedule_flags(p)
@@ -213,7 +240,7 @@ class Resolved:
     accum_steps: int  # micro-steps per optimizer step
     notes: list  # what the user should know: train.py prints them once the run is set up (a refusal is one line)
     ckpt: dict = None  # --resume: the checkpoint (memory-mapped), whose model and optimizer the run restores
-    init_model: GPT = None  # --init_from: the model, its weights loaded
+    init_model: GPT = None  # --init_from: the model, its weights loaded; --resume of a LoRA run: its base, checked
 
 
 def resolve(argv, world_size=None, load_weights=load_model):
@@ -233,27 +260,45 @@ def resolve(argv, world_size=None, load_weights=load_model):
         raise UserError(f"{args.out_dir} already holds a checkpoint: continue it with --resume (and a larger "
                         f"--max_steps, if its run finished), choose another --out_dir, or pass --overwrite to "
                         f"replace it")
-    check_args(args, world_size)
+    check_args(args, given, world_size)
     if ckpt is not None:
         cfg = GPTConfig(**ckpt["model_config"])
+        if "lora" in ckpt:
+            init_model = load_base(ckpt["lora"], ckpt["model_config"], os.path.join(args.out_dir, CHECKPOINT),
+                                   args.dropout)
     elif args.init_from:
         if given & SHAPE_FLAGS:
             raise UserError(f"--init_from takes the model's shape from {args.init_from}: drop --model, --n_layer, "
                             f"--n_head and --n_embd")
-        fine_tuning_defaults(args, given, notes)
+        source_defaults(args, given, notes)
         init_model = load_weights(args.init_from, dropout=args.dropout)
         cfg = init_model.config
     else:
+        source_defaults(args, given, notes)
         cfg = model_config(args)
+    if args.lora_rank > cfg.n_embd:  # (every projection's smaller side is the model's width)
+        raise UserError(f"--lora_rank {args.lora_rank} is larger than the model's width ({cfg.n_embd}), the smaller "
+                        f"side of every projection it adapts: choose a rank from 1 to {cfg.n_embd} (8 to 64 is usual)")
     derive_defaults(args)
     check_schedule(args, given)
     accum_steps = batch_geometry(args, cfg, world_size or 1)
     return Resolved(args, given, cfg, accum_steps, notes, ckpt, init_model)
 
 
-def check_args(args, world_size):
+def check_args(args, given, world_size):
     """What the flags' types cannot check alone (each number is checked as the command line is read)."""
     check_trackers(args)
+    if args.lora_rank:
+        try:
+            lora.parse_targets(args.lora_targets)
+        except ValueError as e:
+            raise UserError(f"--lora_targets: {e}")
+        if args.fsdp:
+            raise UserError("--fsdp with --lora_rank: the adapters are megabytes and the frozen base needs no "
+                            "gradients or optimizer state, so drop --fsdp and let DDP keep a copy in each process")
+        if args.optimizer == "muon" and "optimizer" in given:  # (LoRA's default is adamw)
+            raise UserError("--optimizer muon with --lora_rank: Muon would orthogonalise the low-rank adapters' "
+                            "updates; drop --optimizer (LoRA's default is adamw)")
     if args.fsdp and world_size is None:
         raise UserError("--fsdp shards the model over the processes of a torchrun job: launch it with torchrun "
                         "--nproc_per_node=N train.py ... (one process keeps the whole model anyway: drop --fsdp)")
@@ -270,20 +315,24 @@ def check_schedule(args, given):
                         f"decays; lower --min_lr or raise --max_lr")
 
 
-def fine_tuning_defaults(args, given, notes):
-    """--init_from: DEFAULTS' fine-tuning column, for the options not given (in the table's order: --min_lr after
-    --max_lr, which it follows)."""
+def source_defaults(args, given, notes):
+    """DEFAULTS' LoRA column (--lora_rank), then its fine-tuning column (--init_from), for the options not given: the
+    first of the two that sets an option decides it (in the table's order: --min_lr after --max_lr, which it
+    follows)."""
+    columns = [column for column, on in (("lora", args.lora_rank), ("fine-tuning", args.init_from)) if on]
     chosen = {}
     for name, row in DEFAULTS.items():
-        if "fine-tuning" in row and name not in given:
-            value = row["fine-tuning"]
+        column = next((column for column in columns if column in row), None)
+        if column and name not in given:
+            value = row[column]
             value = trained_with(args.init_from) if value == TRAINED_WITH else args.max_lr if value == SAME_AS_MAX_LR \
                 else value
             setattr(args, name, value)
             chosen[name] = value
     if chosen:
-        notes.append("--init_from: fine-tuning defaults " + " ".join(f"--{name} {value}" for name, value in
-                                                                  chosen.items()))
+        recipes = " and ".join(f"{flag}: {recipe}" for flag, recipe, on in (
+            ("--lora_rank", "LoRA", args.lora_rank), ("--init_from", "fine-tuning", args.init_from)) if on)
+        notes.append(f"{recipes} defaults " + " ".join(f"--{name} {value}" for name, value in chosen.items()))
 
 
 def derive_defaults(args):
@@ -293,6 +342,8 @@ def derive_defaults(args):
             setattr(args, name, row[args.optimizer])
     if args.min_lr is None:
         args.min_lr = args.max_lr / 10
+    if args.lora_rank and args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_rank
 
 
 def model_config(args):
@@ -351,6 +402,7 @@ def resumed(parser, args, given, notes, world_size):
         raise UserError(f"--resume: the checkpoint in {args.out_dir} was trained with --optimizer {saved.optimizer}, "
                         f"whose state cannot go on as {args.optimizer}'s: drop --optimizer, or start a new run from "
                         f"its weights with --init_from {args.out_dir}")
+    check_lora_resume(args, saved, given)
     ignored = sorted(given - RESUMABLE - SHAPE_FLAGS)
     if ignored:
         notes.append(f"--resume: keeping the checkpoint's {', '.join(ignored)}")
@@ -372,6 +424,32 @@ def resumed(parser, args, given, notes, world_size):
                      f"at step {step + 1}")
     check_batch_split(saved, world_size or 1, given)
     return saved, ckpt
+
+
+def check_lora_resume(args, saved, given):
+    """--resume goes on with the checkpoint's LoRA settings (or none): a LoRA flag given now that says otherwise is
+    refused, since the checkpoint's weights and optimizer state are of its own adapters (or of the whole model)."""
+    if "lora_rank" in given and args.lora_rank != saved.lora_rank:
+        if not saved.lora_rank:
+            raise UserError(f"--resume: the run in {args.out_dir} trained all the weights, not LoRA adapters: drop "
+                            f"--lora_rank to resume it, or train adapters on its weights with --init_from "
+                            f"{args.out_dir} --lora_rank {args.lora_rank} --out_dir NEW")
+        raise UserError(f"--resume: the run in {args.out_dir} trains LoRA adapters of rank {saved.lora_rank}, whose "
+                        f"state cannot go on at rank {args.lora_rank}: drop --lora_rank to resume it, or start anew")
+    for name in LORA_FLAGS[1:]:
+        if name in given and saved.lora_rank:
+            now, then = getattr(args, name), getattr(saved, name)
+            if name == "lora_targets":
+                try:
+                    now, then = lora.parse_targets(now), lora.parse_targets(then)
+                except ValueError as e:
+                    raise UserError(f"--lora_targets: {e}")
+            if now != then:
+                raise UserError(f"--resume: the run in {args.out_dir} trains LoRA adapters with --{name} "
+                                f"{getattr(saved, name)}: drop --{name} to resume it, or start anew")
+        elif name in given:
+            raise UserError(f"--resume: the run in {args.out_dir} trained all the weights, not LoRA adapters: drop "
+                            f"--{name} to resume it")
 
 
 def check_batch_split(saved, world_size, given):

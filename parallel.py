@@ -12,6 +12,7 @@ either way (gathered to rank 0), so a run resumes with or without FSDP, on any n
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import lora
 from optim import Optimizers, build_optimizer, restore_grad_scaler
 
 
@@ -85,7 +86,10 @@ def training_state(model, optimizer):
     """The model's and the optimizer's state dicts as checkpoints hold them: full tensors, each optimizer's state
     keyed by position (torch.optim's own layout; an Optimizers pair holds one such dict per optimizer). A sharded
     model's are gathered to rank 0's CPU, one tensor at a time (a collective: every rank calls this; the others get
-    empty dicts)."""
+    empty dicts). A model with LoRA adapters (never sharded: train.py refuses --fsdp with them) gives the adapters'
+    tensors alone: the base is frozen, and the checkpoint records where it comes from instead."""
+    if lora.adapted(model):
+        return lora.adapter_state_dict(model), optimizer.state_dict()
     if not is_sharded(model):
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -102,7 +106,12 @@ def training_state(model, optimizer):
 
 def load_training_state(model, optimizer, model_state, optimizer_state):
     """training_state's dicts back into the model and its optimizer, sharded or not: a checkpoint resumes with or
-    without FSDP, on any number of processes."""
+    without FSDP, on any number of processes. A model with LoRA adapters loads them alone (its base is loaded
+    already)."""
+    if lora.adapted(model):
+        lora.load_adapter_state_dict(model, model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
     if not is_sharded(model):
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)

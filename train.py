@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from checkpoint import CHECKPOINT, METRICS, MetricsLog, claim_out_dir, save_checkpoint
+import lora
+from checkpoint import CHECKPOINT, METRICS, MetricsLog, base_identity, claim_out_dir, save_checkpoint
 from cli import UserError, first_line, print_error
 from data import ExampleLoader, Loader
 from files import DataError
@@ -41,7 +42,11 @@ from tracking import Tracking, trackers
 
 MAX_SKIPPED_STEPS = 5  # updates skipped in a row (their gradient not finite) before the run stops
 MEMORY_ADVICE = "lower --batch_size (--total_batch_size keeps the global batch, in more micro-steps), or add " \
-                "--activation_checkpointing, or shard the model with --fsdp under torchrun"
+                "--activation_checkpointing, or shard the model with --fsdp under torchrun, or train LoRA adapters " \
+                "instead of the weights (--lora_rank 16)"
+# What a CPU process holds before any tensor of the run: the Python runtime and PyTorch's libraries (measured: about
+# 0.5 GB resident after train.py's imports)
+RUNTIME_BYTES = 0.5e9
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,6 +113,7 @@ class Run:
     scaler: torch.amp.GradScaler
     start_step: int  # the step of the checkpoint resumed, else 0
     hellaswag_items: list  # None: no HellaSwag
+    lora_base: dict  # --lora_rank: what identifies the base the adapters go on (checkpoint.base_identity); else None
     ckpt_path: str
     metrics: Tracking  # metrics.jsonl, and the trackers asked for
     out_dir_lock: object  # rank 0: the open lock file of --out_dir (closing it releases the out_dir); else None
@@ -128,6 +134,13 @@ def setup(argv):
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     raw_model = opts.init_model or GPT(cfg)
+    lora_base = None
+    if args.lora_rank:  # the base frozen, adapters on it (their initialisation seeded above, like the weights')
+        lora_base = {k: ckpt["lora"][k] for k in ("base", "base_seed", "base_checksum")} if ckpt is not None else \
+            base_identity(args.init_from, raw_model, args.seed)  # (a resumed base was checked as it loaded)
+        lora.add_adapters(raw_model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        if rt.dtype != torch.float32:  # the frozen matrices in the compute dtype: half their memory, no casts
+            lora.cast_base(raw_model, rt.dtype)
     model, optimizer, scaler = build_training(raw_model, rt, weight_decay=args.weight_decay, lr=args.max_lr,
                                               betas=(args.beta1, args.beta2), optimizer=args.optimizer,
                                               muon_lr=args.muon_lr, muon_momentum=args.muon_momentum,
@@ -154,12 +167,15 @@ def setup(argv):
             print(note, file=sys.stderr)
         metrics = Tracking(metrics, trackers(args, start_step if args.resume else None))  # TensorBoard, W&B
         name = f"from {args.init_from}" if args.init_from else args.model
+        if args.lora_rank:
+            trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+            name += f" + LoRA rank {args.lora_rank} on {args.lora_targets} ({trained / 1e6:.2f}M trained)"
         print(f"model {name}: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
               f"{cfg.n_head} heads, {cfg.n_embd} wide | {rt.device} {str(rt.dtype).removeprefix('torch.')} | "
               f"{rt.world_size} process(es) x {accum_steps} micro-step(s) x {args.batch_size} x {args.seq_len} = "
               f"{args.total_batch_size} tokens/step | steps {start_step} -> {args.max_steps}")
     return Run(args, rt, loader, accum_steps, model, raw_model, optimizer, scaler, start_step, hellaswag_items,
-               os.path.join(args.out_dir, CHECKPOINT), metrics, lock)
+               lora_base, os.path.join(args.out_dir, CHECKPOINT), metrics, lock)
 
 
 def check_memory(cfg, args, rt, accum_steps):
@@ -167,10 +183,14 @@ def check_memory(cfg, args, rt, accum_steps):
     (measure.memory_estimate, an upper bound: its parts never all peak at once) over 1.5x the device's memory. A
     CPU would otherwise swap, then be killed without a word; a GPU would fail in its first step."""
     shards = rt.world_size if args.fsdp else 1
+    adapters = lora.adapter_count(cfg, args.lora_rank, args.lora_targets) if args.lora_rank else None
     parts = memory_estimate(cfg, args.batch_size * args.seq_len, shards, args.activation_checkpointing,
-                            accum_steps > 1, low_precision=rt.dtype != torch.float32)
+                            accum_steps > 1, low_precision=rt.dtype != torch.float32, adapters=adapters)
     need, have = sum(parts.values()), device_memory_bytes(rt)
-    if have and need > 1.5 * have:
+    # and the parts that all live at once, at the optimizer's step: not an estimate but a floor
+    floor = parts["weights"] + parts["gradients"] + parts["optimizer"] + (RUNTIME_BYTES if rt.device_type == "cpu"
+                                                                          else 0)
+    if have and (need > 1.5 * have or floor > have):
         largest = max(parts, key=parts.get)
         where = "GPU" if rt.device_type == "cuda" else "process's share of this machine's memory"
         raise UserError(f"a step of --batch_size {args.batch_size} x --seq_len {args.seq_len} needs about "
@@ -242,7 +262,8 @@ def train(run):
                 if not weights_are_finite(run.raw_model, rt):
                     raise UserError(f"the weights are not finite at step {step}; not saved, stopped, {kept}. Try a "
                                     f"lower --max_lr or --dtype float32")
-                save_checkpoint(run.ckpt_path, run.raw_model, run.optimizer, run.scaler, step, args, write=rt.master)
+                save_checkpoint(run.ckpt_path, run.raw_model, run.optimizer, run.scaler, step, args, write=rt.master,
+                                lora_base=run.lora_base)
                 saved_step = step
             if stop:
                 if rt.master:
