@@ -28,7 +28,6 @@ The export is written into a temporary directory beside --out_dir and renamed in
 --out_dir as it was, and a killed one never leaves it half-written (at worst a hidden .NAME.*.new or .old beside it).
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -41,12 +40,12 @@ import hf
 import lora
 from checkpoint import is_checkpoint, load_adapted, load_model, trained_on
 from model import GPT
-from cli import OneLineParser, UserError, print_error
+from cli import HelpFormatter, OneLineParser, UserError, print_error
 
 
 def main(argv=None):
     p = OneLineParser(description="Export a model to the Hugging Face format.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=HelpFormatter)
     p.add_argument("--init_from", default="out", help="a checkpoint (out/ckpt.pt or its directory), or a Hugging "
                    "Face GPT-2 directory or hub name")
     p.add_argument("--out_dir", required=True, help="the directory to write (created if needed); one that already "

@@ -183,8 +183,8 @@ def bytes_to_unicode():
 
 def save_tokenizer(directory, model_max_length, chat=False):
     """vocab.json, merges.txt and tokenizer_config.json (with the chat template if chat) for transformers'
-    GPT2Tokenizer, from tiktoken's ranks. A token's rank is its merge's priority, so its merge is the last step of BPE run on its own
-    bytes with the lower-ranked merges only."""
+    GPT2Tokenizer, from tiktoken's ranks. A token's rank is its merge's priority, so its merge is the last step of
+    BPE run on its own bytes with the lower-ranked merges only."""
     ranks = get_tokenizer()._mergeable_ranks
     byte_char = bytes_to_unicode()
 

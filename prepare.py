@@ -39,7 +39,7 @@ from collections import deque
 
 import numpy as np
 
-from cli import OneLineParser
+from cli import HelpFormatter, OneLineParser
 from data import SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_NAME, SHARD_VERSION, shard_tokens
 from files import DataError, parse_json
 from tokenizer import EOT_TOKEN, get_tokenizer
@@ -76,7 +76,7 @@ def bounded_int(low, high=None, why=""):
 
 def build_parser():
     p = OneLineParser(description="Tokenize a corpus into shards of GPT-2 tokens.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=HelpFormatter)
     a = p.add_argument
     a("inputs", nargs="*", metavar="INPUT", help="text files (.txt, .md: one document each), JSONL files (.jsonl: "
       "a document a line, in --text_field), Parquet files (.parquet: a document a row, column --text_field; needs "

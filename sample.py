@@ -18,7 +18,6 @@ ends. The conversation stays in one KV cache from turn to turn: each turn feeds 
 (the system message stays) and the cache is filled again from what is kept.
 """
 
-import argparse
 import codecs
 import os
 import sys
@@ -27,15 +26,15 @@ import torch
 
 from checkpoint import load_model, trained_on
 from model import GPT, KVCache
-from cli import (OneLineParser, UserError, add_device_flags, non_negative_float, non_negative_int, positive_int,
-                 print_error, probability, seed)
+from cli import (HelpFormatter, OneLineParser, UserError, add_device_flags, non_negative_float, non_negative_int,
+                 positive_int, print_error, probability, seed)
 from runtime import setup_runtime
 from tokenizer import EOT_TOKEN, alpaca_prompt, chat_tokens, get_tokenizer
 
 
 def build_parser():
     p = OneLineParser(description="Sample from a trained GPT-2.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=HelpFormatter)
     a = p.add_argument
     a("--init_from", default="out", help="a checkpoint (out/ckpt.pt or its directory), a Hugging Face GPT-2 "
       "directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl")

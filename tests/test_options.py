@@ -221,7 +221,8 @@ def test_resuming_with_another_max_steps_says_what_the_schedule_becomes(tmp_path
 def test_resume_can_switch_tensorboard_off(tmp_path):
     save_run(tmp_path, "--tensorboard", "--max_steps", "4")
     assert resolve(["--resume", "--out_dir", str(tmp_path), "--max_steps", "6"]).args.tensorboard
-    assert not resolve(["--resume", "--out_dir", str(tmp_path), "--max_steps", "6", "--no-tensorboard"]).args.tensorboard
+    off = resolve(["--resume", "--out_dir", str(tmp_path), "--max_steps", "6", "--no-tensorboard"])
+    assert not off.args.tensorboard
 
 
 def test_a_checkpoint_of_one_optimizer_resumed_with_the_other_is_one_line(tmp_path):

@@ -444,8 +444,8 @@ def test_empty_text_files_are_a_token_each_in_the_bound_on_val_tokens(tmp_path):
     for i in range(3):
         (tmp_path / f"empty_{i}.txt").write_bytes(b"")  # 0 bytes: 3 tokens, an <|endoftext|> each
     run(tmp_path / "out", tmp_path, options=["--shard_tokens", "1000", "--val_tokens", "2"], workers=1)
-    assert list(split_tokens(tmp_path / "out", "val")) == [EOT_TOKEN] * 2 and list(split_tokens(tmp_path / "out", "train")) \
-        == [EOT_TOKEN]
+    assert list(split_tokens(tmp_path / "out", "val")) == [EOT_TOKEN] * 2
+    assert list(split_tokens(tmp_path / "out", "train")) == [EOT_TOKEN]
 
 
 def test_a_run_left_with_no_training_tokens_removes_what_it_wrote_so_a_smaller_val_tokens_reruns_without_overwrite(
