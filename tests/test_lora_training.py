@@ -201,3 +201,18 @@ def test_torchrun_lora_with_two_processes_equals_one_process_with_double_accumul
     assert losses(two) == pytest.approx(losses(one), abs=1e-4)
     a, b = load_checkpoint(str(tmp_path / "one"))["model"], load_checkpoint(str(tmp_path / "two"))["model"]
     assert all(torch.allclose(a[name], b[name], atol=1e-4) for name in a)
+
+
+def test_train_alpaca_sh_passes_lora_s_flags_through_and_leaves_its_recipe_to_train_py(tmp_path):
+    import subprocess
+    from conftest import REPO
+    fake = tmp_path / "bin" / "python"  # a `python` that prints what it would run
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "INIT_FROM": "gpt2", "LORA_RANK": "16",
+           "LORA_ALPHA": "8", "LORA_TARGETS": "attn"}
+    result = subprocess.run(["bash", os.path.join(REPO, "train_alpaca.sh")], capture_output=True, text=True, env=env)
+    flags = result.stdout.split()
+    assert " ".join(flags[flags.index("--lora_rank"):]).startswith("--lora_rank 16 --lora_alpha 8 --lora_targets attn")
+    assert not {"--max_lr", "--optimizer", "--weight_decay", "--lora_dropout"} & set(flags)
