@@ -6,6 +6,7 @@ Benchmarks: training steps, decoding, and checkpoints.
     python bench.py --model gpt2 --device cuda --seq_len 1024 --batch_size 16 --compile
     torchrun --standalone --nproc_per_node=2 bench.py --device cpu --model gpt2-mini   # DDP: figures for the job
     torchrun --standalone --nproc_per_node=2 bench.py --device cpu --model gpt2-mini --fsdp   # FSDP, to compare
+    python bench.py --model gpt2-xl --lora_rank 16 --batch_size 1 --seq_len 512 --steps 2 --warmup 1   # a LoRA step
     python bench.py --memory_table 8 --batch_size 8         # the memory estimate for each GPT-2 size, nothing runs
     python bench.py --sample --model gpt2                   # decoding: KV cache, no cache, transformers' generate
     python bench.py --checkpoint --model gpt2               # saving and loading ckpt.pt, with and without its checksum
@@ -53,8 +54,9 @@ from files import DataError
 from model import GPT, preset_config
 from cli import HelpFormatter, OneLineParser, UserError, add_device_flags, non_negative_int, positive_int, print_error
 from optim import local_tensor, optimizer_step
-from options import add_batch_flags, add_data_flags, add_model_flags, add_step_flags, batch_geometry, make_loader, \
-    model_config
+import lora
+from options import add_batch_flags, add_data_flags, add_lora_flags, add_model_flags, add_step_flags, \
+    batch_geometry, given_flags, make_loader, model_config
 from parallel import build_training
 from measure import memory_estimate, peak_flops, peak_memory_bytes
 from runtime import setup_runtime, shutdown
@@ -67,6 +69,7 @@ def build_parser():
                       "checkpoints (--checkpoint).", formatter_class=HelpFormatter)
     # train.py's flags that decide what a step computes, defined once in options.py
     add_model_flags(p)
+    add_lora_flags(p)
     add_data_flags(p)
     add_batch_flags(p)
     step = add_step_flags(p)
@@ -106,6 +109,13 @@ def bench_training(args, rt, cfg, accum_steps):
     loader = make_loader(args, accum_steps, rt.rank, world_size)
     torch.manual_seed(args.seed)
     raw_model = GPT(cfg)
+    adapters = None
+    if args.lora_rank:  # as train.py sets it up: adapters on a frozen base kept in the compute dtype
+        lora.add_adapters(raw_model, args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, args.lora_dropout,
+                          args.lora_targets)
+        if rt.dtype != torch.float32:
+            lora.cast_base(raw_model, rt.dtype)
+        adapters = lora.adapter_count(cfg, args.lora_rank, args.lora_targets)
     model, optimizer, scaler = build_training(raw_model, rt, weight_decay=0.1, lr=LR, betas=(0.9, 0.95),
                                               optimizer=args.optimizer, compile=args.compile,
                                               reduce_dtype=args.reduce_dtype, fsdp=args.fsdp,
@@ -158,7 +168,8 @@ def bench_training(args, rt, cfg, accum_steps):
     seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
     peak = max(peak_before, peak_flops(rt))
     mfu = raw_model.flops_per_token(args.seq_len) * tokens_per_sec / (peak * world_size)
-    return {"params": raw_model.num_params(), "batch_size": args.batch_size, "seq_len": args.seq_len,
+    return {"params": raw_model.num_params(), "trained_params": sum(p.numel() for p in params if p.requires_grad),
+            "batch_size": args.batch_size, "seq_len": args.seq_len,
             "accum_steps": accum_steps, "processes": world_size, "tokens_per_step": args.total_batch_size,
             "ms_per_step": seconds_per_step * 1000,
             # the slowest rank's parts (under Muon each rank orthogonalises its own share of the matrices)
@@ -172,21 +183,27 @@ def bench_training(args, rt, cfg, accum_steps):
             # memory_estimate's sum of the parts, which never all peak at once: what to size a GPU by
             "estimated_memory_gb": sum(memory_estimate(
                 cfg, args.batch_size * args.seq_len, world_size if args.fsdp else 1, args.activation_checkpointing,
-                accum_steps > 1, low_precision=rt.dtype != torch.float32).values()) / 1e9}
+                accum_steps > 1, low_precision=rt.dtype != torch.float32, adapters=adapters).values()) / 1e9}
 
 
 def local_bytes(t):
     return local_tensor(t).numel() * t.element_size()
 
 
+LORA_TABLE_RANK = 16  # --memory_table's LoRA column: rank 16 on every projection, one copy a GPU (DDP)
+
+
 def print_memory_table(gpus, tokens):
     print(f"GB per GPU to train, {gpus} GPUs, {tokens} tokens a micro-step with gradient accumulation, bf16 autocast, "
           f"AdamW: weights + gradients + optimizer state | weight copies | activations | loss = total")
-    print("| model | DDP | FSDP | FSDP + activation checkpointing |\n| --- | --- | --- | --- |")
+    print(f"| model | DDP | FSDP | FSDP + activation checkpointing | LoRA rank {LORA_TABLE_RANK} (DDP) |\n"
+          f"| --- | --- | --- | --- | --- |")
     for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         cells = []
-        for shards, checkpointing in [(1, False), (gpus, False), (gpus, True)]:
-            parts = memory_estimate(preset_config(name), tokens, shards, checkpointing, accumulating=True)
+        cfg = preset_config(name)
+        for shards, checkpointing, adapters in [(1, False, None), (gpus, False, None), (gpus, True, None),
+                                                (1, False, lora.adapter_count(cfg, LORA_TABLE_RANK))]:
+            parts = memory_estimate(cfg, tokens, shards, checkpointing, accumulating=True, adapters=adapters)
             state = parts["weights"] + parts["gradients"] + parts["optimizer"]
             cells.append(f"{state / 1e9:.1f} + {parts['weight copies'] / 1e9:.1f} + {parts['activations'] / 1e9:.1f} "
                          f"+ {parts['loss'] / 1e9:.1f} = **{sum(parts.values()) / 1e9:.1f}**")
@@ -350,8 +367,19 @@ def exact_matmuls():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if args.lora_rank:  # train.py's checks (options.check_args), its default optimizer for LoRA
+            if args.fsdp:
+                raise UserError("--fsdp with --lora_rank: the adapters are megabytes: drop --fsdp (DDP)")
+            if "optimizer" in given_flags(parser, sys.argv[1:] if argv is None else argv) and args.optimizer == "muon":
+                raise UserError("--optimizer muon with --lora_rank: LoRA trains with adamw; drop --optimizer")
+            args.optimizer = "adamw"
+            try:
+                lora.parse_targets(args.lora_targets)
+            except ValueError as e:
+                raise UserError(f"--lora_targets: {e}")
         if args.fsdp and "WORLD_SIZE" not in os.environ:
             raise UserError("--fsdp shards the model over the processes of a torchrun job: launch bench.py with "
                             "torchrun --nproc_per_node=N")
@@ -360,6 +388,8 @@ def main(argv=None):
             return
         # the batch arithmetic is checked before joining the processes of a torchrun job, so all of them stop alike
         cfg = model_config(args)
+        if args.lora_rank > cfg.n_embd:
+            raise UserError(f"--lora_rank {args.lora_rank} is larger than the model's width ({cfg.n_embd})")
         accum_steps = batch_geometry(args, cfg, int(os.environ.get("WORLD_SIZE", 1)))
         if args.sample and args.checkpoint:
             raise UserError("--sample and --checkpoint are two benchmarks: give one")

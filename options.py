@@ -39,7 +39,7 @@ from tracking import check_trackers
 TRAINED_WITH = "the weights' optimizer"  # checkpoint.trained_with: a checkpoint's --optimizer; adamw for GPT-2's
 SAME_AS_MAX_LR = "--max_lr"  # a constant learning rate
 DEFAULTS = {
-    # option         argparse's           --optimizer adamw, muon        --init_from: fine-tuning's   --lora_rank: LoRA's
+    # option         argparse's           --optimizer adamw, muon        --init_from: fine-tuning's  --lora_rank: LoRA's
     "optimizer":    {"argparse": "muon",                                 "fine-tuning": TRAINED_WITH, "lora": "adamw"},
     "max_lr":       {"argparse": None,    "adamw": 2e-3, "muon": 4e-3,   "fine-tuning": 3e-5,         "lora": 1e-3},
     "beta2":        {"argparse": None,    "adamw": 0.95, "muon": 0.99},
