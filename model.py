@@ -1,11 +1,9 @@
 """
-The GPT-2 model and its generation (with a KV cache). No knowledge of files, flags or runs: train.py and the
-scripts bring those; the Hugging Face file format is hf.py's.
-
-The module layout and parameter names follow OpenAI's GPT-2 (as laid out by Hugging Face's GPT2LMHeadModel, minus
-the `transformer.` prefix quirks), so released weights load into it without changing the module:
-token + learned position embeddings -> n_layer pre-LayerNorm blocks (attention, then a 4x GELU MLP, each added
-to the residual stream) -> final LayerNorm -> a linear head that shares its weight with the token embedding.
+The GPT-2 model and its generation (with a KV cache). No knowledge of files, flags or runs (train.py and the scripts
+bring those; the Hugging Face file format is hf.py's). The module layout and parameter names follow OpenAI's GPT-2
+(Hugging Face's GPT2LMHeadModel), so released weights load as they are: token + learned position embeddings ->
+n_layer pre-LayerNorm blocks (attention, then a 4x GELU MLP, each added to the residual stream) -> final LayerNorm ->
+a linear head that shares its weight with the token embedding.
 """
 
 from dataclasses import dataclass
@@ -102,15 +100,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class PackedRows:
-    """Attention for rows that hold several examples back to back (data.py's ExampleLoader.pack), given the position
-    of each token in its example (B, T), which restarts at 0 where an example starts: a token attends to the earlier
-    tokens of its own example only, so each example is computed exactly as in a row of its own.
-
-    On a GPU in bf16/fp16, through PyTorch's variable-length flash attention, which skips the blocks of other
-    examples instead of masking them: the rows are one sequence of B * T tokens cut at the examples' starts. Finding
-    the starts (nonzero) waits for the device once per forward. On a CPU, the causal kernel run on each example's
-    own tokens (segment_attention). Elsewhere (a GPU in float32 or with dropout, or under torch.compile) a
-    (B, 1, T, T) mask for scaled_dot_product_attention. Each is built on first use and shared by the layers."""
+    """Attention for rows that hold several examples back to back (data.py's ExampleLoader.pack), given each token's
+    position in its example (B, T), 0 where an example starts: a token attends to the earlier tokens of its own
+    example only, so each example is computed exactly as in a row of its own. On a GPU in bf16/fp16, PyTorch's
+    variable-length flash attention, which skips the other examples' blocks (finding the starts waits for the device
+    once a forward); on a CPU, the causal kernel on each example's own tokens (segment_attention); elsewhere (a GPU
+    in float32 or with dropout, torch.compile) a (B, 1, T, T) mask. Each is built on first use, shared by the layers."""
 
     def __init__(self, positions):
         self.positions = positions
@@ -131,16 +126,12 @@ class PackedRows:
 
     def segment_attention(self, q, k, v, dropout_p):
         """(B, T, n_head, head_size) q, k, v -> the attention's output, in the same shape: SDPA's causal kernel on
-        each example alone (and on each row's padding tail, a segment of its own), in a Python loop. With a mask,
-        the CPU kernels compute all T x T scores of a row and mask most of them away; here each example costs what
-        it costs in a row of its own, plus the loop's ~1.5 ms a layer (forward and backward, the ~22 segments of a
-        GSM8K micro-batch of 16). The rows are one sequence of B * T tokens, split at the starts and joined back by
-        cat: in backward one copy each way, where slicing would add a zero-filled gradient of the whole batch per
-        segment.
-
-        In float32 even under bf16 autocast: PyTorch's CPU flash attention's bf16 backward costs 4-7x its float32
-        one at these lengths (~150 tokens, head size 32: 2.8 vs 0.6 ms), more than bf16 saves anywhere else in
-        attention, which is a small share of a step's FLOPs. float32 is also the more accurate of the two."""
+        each example alone (and each row's padding tail), in a Python loop. With a mask the CPU kernels compute all
+        T x T scores of a row; here an example costs what it costs alone, plus the loop's ~1.5 ms a layer (a GSM8K
+        micro-batch of 16: ~22 segments). The rows are split at the starts and joined back by cat: one copy each way
+        in backward, where slicing would add a zero-filled gradient of the whole batch per segment. In float32 even
+        under bf16 autocast: the CPU flash kernel's bf16 backward costs 4-7x its float32 one at these lengths (~150
+        tokens, head size 32: 2.8 vs 0.6 ms), more than bf16 saves elsewhere in attention; and it is more accurate."""
         B, T, H, D = q.shape
         if self._lengths is None:
             starts = self.positions == 0
@@ -395,17 +386,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
                         stop_token=None, use_cache=True, cache=None):
-        """Yield the next token of each row, (B, 1), max_new_tokens times, continuing idx (B, T).
-
-        temperature 0 is greedy; top_k keeps the k most likely tokens, top_p the fewest whose probability adds up to
-        top_p (both may be given). Rows that have produced stop_token keep producing it, and the stream ends when
-        all of them have. When the context is full, the window slides by half of it: the newest block_size // 2
-        tokens are fed again at positions 0..(block_size // 2 - 1), since GPT-2's positions are absolute. The cache
-        only saves work: with use_cache=False the same tokens come out, each one recomputing the whole window.
-
-        cache: a KVCache the caller keeps from call to call (sample.py --chat's turns), instead of a new one. idx is
-        then only the tokens after the cache's positions, and nothing slides: the caller keeps cache.length + T +
-        max_new_tokens - 1 within block_size. Every token fed ends up in the cache, the last one yielded is not fed."""
+        """Yield the next token of each row, (B, 1), max_new_tokens times, continuing idx (B, T). temperature 0 is
+        greedy; top_k keeps the k most likely tokens, top_p the fewest whose probability adds up to top_p (both may
+        be given). Rows that have produced stop_token keep producing it; the stream ends when all have. When the
+        context is full the window slides by half of it (the newest block_size // 2 tokens fed again from position 0:
+        GPT-2's positions are absolute). The cache only saves work: use_cache=False gives the same tokens.
+        cache: a KVCache the caller keeps from call to call (sample.py --chat's turns); idx is then only the tokens
+        after the cache's, and nothing slides: the caller keeps cache.length + T + max_new_tokens - 1 within
+        block_size. Every token fed ends up in the cache; the last one yielded is not fed."""
         kept = cache is not None
         if kept and cache.length + idx.size(1) + max_new_tokens - 1 > self.config.block_size:
             raise ValueError(f"{cache.length} cached + {idx.size(1)} new + {max_new_tokens} generated tokens exceed "
