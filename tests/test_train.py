@@ -70,8 +70,8 @@ def test_resuming_gives_the_losses_of_an_uninterrupted_run(dataset_type, optimiz
     interrupted = tmp_path / "interrupted"
     save_checkpoint = train.save_checkpoint
 
-    def save_and_keep_step_5(path, model, optimizer, scaler, step, args, write=True):
-        save_checkpoint(path, model, optimizer, scaler, step, args, write)
+    def save_and_keep_step_5(path, model, optimizer, scaler, step, args, write=True, **more):
+        save_checkpoint(path, model, optimizer, scaler, step, args, write, **more)
         if step == 5:  # what a run killed after step 5 leaves behind
             interrupted.mkdir()
             for name in ("ckpt.pt", "metrics.jsonl"):
