@@ -15,13 +15,12 @@ import time
 import pytest
 import torch
 
-import measure
 import prepare
 import train
 from conftest import REPO, TINY, losses, read_metrics, run_script, run_train
 from model import GPT, GPTConfig
 from parallel import build_training
-from runtime import Runtime, setup_runtime
+from runtime import setup_runtime
 
 
 def test_no_script_or_shared_module_imports_the_trainer():
@@ -45,26 +44,7 @@ def test_a_run_writes_a_checkpoint_metrics_and_a_sample(small_text, tmp_path, ca
     assert ckpt["step"] == 6 and ckpt["config"]["model"] == "gpt2-nano"
     assert {"model", "optimizer", "scaler", "model_config"} <= set(ckpt)
     assert not any(k.startswith(("_orig_mod", "module")) for k in ckpt["model"])
-    out = capsys.readouterr().out
-    assert "-" * 80 in out  # the sample's frame
-    # the end says what the run made and what to run next
-    done = next(line for line in out.splitlines() if line.startswith("done in "))
-    assert f"{tmp_path / 'ckpt.pt'} at step 6, val loss {records[-1]['val_loss']:.4f}" in done
-    assert f"next: python sample.py --init_from {tmp_path} | python eval.py --init_from {tmp_path}" in out
-    assert f"python train.py --resume --out_dir {tmp_path} --max_steps 12" in out
-
-
-def test_the_time_left_is_at_the_run_s_mean_speed_not_the_last_steps(monkeypatch):
-    monkeypatch.setattr(measure, "peak_flops", lambda rt, measure_again=False: 1e12)
-    clock = iter([0.0, 10.0, 10.0, 110.0, 110.0, 120.0, 120.0])  # 1 s a step, 10 s a step (a busy moment), 1 s
-    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
-    speed = measure.Throughput(flops_per_token=1.0, rt=Runtime("cpu", "cpu", torch.float32), step=0)
-    left = []
-    for step in (10, 20, 30):
-        speed.read(step)
-        left.append(train.log_line({"step": step, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 1.0,
-                                    "mfu": 0.1}, 100, speed).rsplit(" | ", 1)[1])
-    assert left == ["1m30s left", "7m20s left", "4m40s left"]  # 1, 5.5 and 4 s a step so far; not 1, 10, 1
+    assert "-" * 80 in capsys.readouterr().out  # the sample's frame
 
 
 def test_four_micro_steps_equal_one_step_on_a_four_times_larger_batch(small_text, tmp_path):
@@ -90,8 +70,8 @@ def test_resuming_gives_the_losses_of_an_uninterrupted_run(dataset_type, optimiz
     interrupted = tmp_path / "interrupted"
     save_checkpoint = train.save_checkpoint
 
-    def save_and_keep_step_5(path, model, optimizer, scaler, step, args, write=True, **kwargs):
-        save_checkpoint(path, model, optimizer, scaler, step, args, write, **kwargs)
+    def save_and_keep_step_5(path, model, optimizer, scaler, step, args, write=True, **more):
+        save_checkpoint(path, model, optimizer, scaler, step, args, write, **more)
         if step == 5:  # what a run killed after step 5 leaves behind
             interrupted.mkdir()
             for name in ("ckpt.pt", "metrics.jsonl"):
