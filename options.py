@@ -56,7 +56,7 @@ DEFAULTS = {
 # LoRA's (--lora_rank, over fine-tuning's where both set one): AdamW, since Muon would orthogonalise the updates of
 # lora_A and lora_B, matrices of rank --lora_rank whose low rank is the point; no weight decay on the adapters (PEFT's
 # and the LoRA paper's: decay would pull B @ A back to 0, the base); a learning rate ~30x fine-tuning's, since only
-# the small adapters move and B starts at 0. Chosen by measurement (README.md, LoRA).
+# the small adapters move and B starts at 0. Measured once against full fine-tuning (README.md, LoRA); not yet swept.
 # What is still None after every source is derived from the other options: --min_lr = --max_lr / 10
 # (derive_defaults); --seq_len = the model's context, --total_batch_size = batch_size * seq_len * processes, no
 # accumulation (batch_geometry); --muon_lr = MUON_LR_SCALE x --max_lr (optim.build_optimizer).

@@ -44,8 +44,8 @@ MAX_SKIPPED_STEPS = 5  # updates skipped in a row (their gradient not finite) be
 MEMORY_ADVICE = "lower --batch_size (--total_batch_size keeps the global batch, in more micro-steps), or add " \
                 "--activation_checkpointing, or shard the model with --fsdp under torchrun, or train LoRA adapters " \
                 "instead of the weights (--lora_rank 16)"
-# What a CPU process holds before any tensor of the run: the Python runtime and PyTorch's libraries (measured: about
-# 0.5 GB resident after train.py's imports)
+# What a CPU process holds besides the run's tensors: the Python runtime and PyTorch's libraries (0.3 GB resident
+# after train.py's imports, measured), the data and the allocator's slack: 0.5 GB, a floor
 RUNTIME_BYTES = 0.5e9
 
 
