@@ -14,7 +14,7 @@ import train
 from checkpoint import load_adapted, load_checkpoint, load_model
 from cli import UserError
 from conftest import TINY, losses, read_metrics, run_script, run_train, without_model_flag
-from model import GPTConfig, preset_config
+from model import preset_config
 
 LORA = ["--lora_rank", "4"]
 
