@@ -103,8 +103,8 @@ LR, GRAD_CLIP = 1e-4, 1.0
 
 def bench_training(args, rt, cfg, accum_steps):
     world_size = rt.world_size
-    # the peak is measured before and after the steps, and the higher taken: on a shared machine a moment of
-    # contention would otherwise lower the peak and flatter the MFU
+    # the peak is read (or measured) before the steps and measured again after them, the higher kept: a peak cached
+    # in a moment of another job's load would otherwise flatter the MFU of every run on the machine
     peak_before = peak_flops(rt)
     loader = make_loader(args, accum_steps, rt.rank, world_size)
     torch.manual_seed(args.seed)
@@ -166,7 +166,7 @@ def bench_training(args, rt, cfg, accum_steps):
     peak_memory = peak_memory_bytes(lambda: step(timed[-1] + 1), rt, resident)  # one more step, untimed
     state_memory = sum(map(local_bytes, params)) + gradient_bytes[-1] + sum(map(local_bytes, optimizer_state))
     seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
-    peak = max(peak_before, peak_flops(rt))
+    peak = max(peak_before, peak_flops(rt, measure_again=True))
     mfu = raw_model.flops_per_token(args.seq_len) * tokens_per_sec / (peak * world_size)
     return {"params": raw_model.num_params(), "trained_params": sum(p.numel() for p in params if p.requires_grad),
             "batch_size": args.batch_size, "seq_len": args.seq_len,

@@ -106,8 +106,11 @@ def measured_matmul_flops(rt):
         rt.synchronize()
         return time.perf_counter() - t0
 
+    # its own generator: the global one draws the run's dropout masks, and whether the peak is measured in a run
+    # (the cache is empty, or the run beat it) must not change its losses
+    generator = torch.Generator(rt.device).manual_seed(0)
     while True:
-        a = torch.randn(n, n, device=rt.device).to(rt.dtype)
+        a = torch.randn(n, n, device=rt.device, generator=generator).to(rt.dtype)
         out = torch.mm(a, a)  # warm-up; then into the same output, so no allocation is timed
         best = min(seconds() for _ in range(5))
         if best > 0.05 or n >= largest:

@@ -58,6 +58,11 @@ def test_a_measured_peak_is_kept_per_machine_and_dtype_so_mfu_does_not_move_from
     assert measure.peak_flops(fp32) == 5e12
 
 
-def test_the_matmul_peak_is_a_real_measurement():
+def test_the_matmul_peak_is_a_real_measurement_that_leaves_the_random_numbers_of_the_run_alone():
+    # train.py measures the peak at its first log when the cache has none (or again when a step beats it): drawing
+    # its matrices from the global generator would change the run's later dropout masks, so the same command would
+    # train differently on a machine that had measured its peak before and on one that had not
+    state = torch.get_rng_state()
     flops = measure.measured_matmul_flops(Runtime("cpu", "cpu", torch.float32))
     assert 1e9 < flops < 1e14  # a CPU's fp32: between a GFLOP/s and 100 TFLOP/s
+    assert torch.equal(torch.get_rng_state(), state)
