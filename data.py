@@ -1,9 +1,8 @@
 """
 Data: a text file, Alpaca or chat records, or token shards -> GPT-2 tokens -> (x, y) batches. Knows nothing of models.
-
 Batches are a pure function of (seed, step, micro_step, rank): the loop asks for "the rows of step s that micro-step
 m on rank r trains on", never for "the next batch". That is what makes resuming exact (only the step is needed) and
-what makes the global batch the same however it is split into processes and micro-steps.
+the global batch the same however it is split into processes and micro-steps.
 """
 
 import hashlib
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from files import DataError, WriteError, read_text, write_atomically
+from measure import check_text_fits_in_memory
 from records import conversation, json_records_type, read_alpaca_records, read_json_records
 from tokenizer import EOT_TOKEN, IGNORE_INDEX, alpaca_prompt, chat_tokens, get_tokenizer
 
@@ -46,35 +46,6 @@ def load_text_tokens(path):
     return tokens
 
 
-# Tokenizing holds the file's bytes, its text and a Python int per token (about 0.25 a byte, 36 bytes each).
-TOKENIZING_BYTES_PER_TEXT_BYTE = 12
-
-
-def check_text_fits_in_memory(path):
-    """Text mode is for corpora that fit in memory many times over: every process of the job reads and tokenizes
-    the whole file on one thread. A file that would take more than half of the machine's memory, in all its
-    processes at once, is refused with the way that scales (prepare.py's shards) instead of running out of memory."""
-    memory = physical_memory_bytes()
-    if memory is None or not os.path.isfile(path):
-        return  # no way to tell here; a missing file is read_text's to report
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    size = os.path.getsize(path)
-    needed = size * TOKENIZING_BYTES_PER_TEXT_BYTE * processes
-    if needed > memory / 2:
-        raise DataError(f"{path} is {size / 1e9:.1f} GB: too big for text mode, which tokenizes all of it in each of "
-                        f"the {processes} process(es) here ({needed / 1e9:.0f} GB in all, over half of this machine's "
-                        f"{memory / 1e9:.0f} GB); write token shards once with `python prepare.py {path} --out_dir "
-                        f"DIR` and train with --dataset_type shards --dataset_path DIR")
-
-
-def physical_memory_bytes():
-    """This machine's memory, or None where the operating system doesn't say (Windows)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def batch_rows(micro_step, rank, batch_size, world_size):
     """The one rule that splits a step's global batch of rows: micro-step m of rank r takes the batch_size rows
     starting at (m * world_size + r) * batch_size. Every loader indexes its global batch through this, so the
@@ -95,12 +66,10 @@ def accumulation_steps(total_batch_size, batch_size, seq_len, world_size):
 
 class Loader:
     """What every loader shares. A step's global batch holds global_rows = batch_size * world_size * accum_steps
-    rows; get_batch(split, step, micro_step) returns this rank's (x, y, positions) of one micro-step: x and y int64
-    tensors of shape (rows, length), y being IGNORE_INDEX where there is nothing to learn, and positions None when
-    each row is one sequence from position 0, else the position of each token in its example (a packed batch:
-    ExampleLoader.pack). packing asks for packed batches; rows of text windows are full, with nothing to pack. A
-    loader says what the rows of a global batch are (global_batch) and how rows become tensors (make_batch); the
-    split into micro-steps and ranks (batch_rows) is the same for all."""
+    rows; get_batch(split, step, micro_step) returns this rank's (x, y, positions) of one micro-step: int64 tensors
+    (rows, length), y IGNORE_INDEX where there is nothing to learn, positions None, or for packed rows (packing:
+    ExampleLoader.pack) each token's position in its example. A loader says what the rows of a global batch are
+    (global_batch) and how rows become tensors (make_batch); the split into micro-steps and ranks is batch_rows'."""
 
     def __init__(self, seq_len, batch_size, accum_steps, rank, world_size, seed, packing):
         self.seq_len, self.batch_size, self.seed, self.packing = seq_len, batch_size, seed, packing
@@ -111,15 +80,23 @@ class Loader:
         rows = self.global_batch(split, step)[batch_rows(micro_step, self.rank, self.batch_size, self.world_size)]
         return self.make_batch(split, rows)
 
+    def eval_batches(self, split, batch_size, max_tokens=None):
+        """The split as (x, y, positions) batches, each target once (eval.py): consecutive windows of seq_len here."""
+        return windows(self.splits[split], self.seq_len, batch_size, max_tokens)
+
+    def summary(self):  # the line train.py prints about the data read: none for text, the examples kept for examples
+        return None
+
+    def sample_prompt(self):  # what train.py's end-of-run sample continues, and whether greedily
+        return get_tokenizer().encode_ordinary("\n"), False
+
     def tokens_in(self, split, step, micro_step):
-        """The tokens of x in this rank's micro-batch that are data, not padding: all of them here (windows of text
-        are full); ExampleLoader counts its examples'."""
+        """The tokens of x in this rank's micro-batch that are data, not padding: all of them for windows of text."""
         return self.batch_size * self.seq_len
 
     def targets_in_step(self, split, step):
         """Labels (y != IGNORE_INDEX) in step's whole global batch, all micro-steps and ranks: a function of the
-        step, so each rank knows it without communicating. train_step divides the summed loss by it. Here every
-        token is one; AlpacaLoader counts its responses' tokens."""
+        step, so each rank knows it without communicating (train_step divides the summed loss by it)."""
         return self.global_rows * self.seq_len
 
     def epoch_order(self, split, step, n):
@@ -158,9 +135,29 @@ class TextLoader(Loader):
         return rng.integers(0, len(self.splits[split]) - self.seq_len, size=self.global_rows)
 
     def make_batch(self, split, offsets):
-        """(x, y, None), x and y of shape (len(offsets), seq_len), y being x shifted one token left."""
-        window = torch.from_numpy(self.splits[split][offsets[:, None] + np.arange(self.seq_len + 1)].astype(np.int64))
-        return window[:, :-1].contiguous(), window[:, 1:].contiguous(), None
+        return shifted(self.splits[split][offsets[:, None] + np.arange(self.seq_len + 1)])
+
+
+def shifted(rows):
+    """(x, y, None) of rows of seq_len + 1 tokens: x their first seq_len, y the seq_len after (x shifted left)."""
+    window = torch.from_numpy(rows.astype(np.int64))
+    return window[:, :-1].contiguous(), window[:, 1:].contiguous(), None
+
+
+def windows(tokens, seq_len, batch_size, max_tokens):
+    """(x, y, None) batches of consecutive windows over a token array (or TokenStream), every token but the first
+    predicted once (eval.py's split, the harness's rolling loglikelihood), until about max_tokens are."""
+    n_windows = -(-(len(tokens) - 1) // seq_len)  # the last window may be shorter
+    if max_tokens:
+        n_windows = min(n_windows, -(-max_tokens // seq_len))
+    for first in range(0, n_windows, batch_size):
+        rows = [np.asarray(tokens[w * seq_len : (w + 1) * seq_len + 1], dtype=np.int64)
+                for w in range(first, min(first + batch_size, n_windows))]
+        x = np.zeros((len(rows), max(map(len, rows)) - 1), dtype=np.int64)
+        y = np.full_like(x, IGNORE_INDEX)
+        for i, row in enumerate(rows):
+            x[i, : len(row) - 1], y[i, : len(row) - 1] = row[:-1], row[1:]
+        yield torch.from_numpy(x), torch.from_numpy(y), None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,13 +172,10 @@ class ExampleLoader(Loader):
     """Fine-tuning on examples (Alpaca records, chat conversations): token sequences of which only some tokens are
     learned, the others (prompts, the template's own text) being context. A subclass's read_examples(path) yields
     each record's (tokens, labelled: whether token j is a target, turn_ends: where it may be cut, see
-    fitting_length), and its summary() is the line train.py prints; the examples kept are self.examples (uint16) and
-    self.labelled (bool).
-
-    Like TextLoader's, batches are a function of (seed, split, step, micro_step, rank): the training order is
-    Loader.epoch_order's, each epoch a permutation of the examples drawn from (seed, epoch). Validation is 5% of
-    the usable examples (drawn with ALPACA_SPLIT_SEED, so a --seq_len that drops examples changes it), read in file
-    order, wrapping. A micro-batch is either packed (see pack), or one row per example padded to the longest."""
+    fitting_length); the examples kept are self.examples (uint16) and self.labelled (bool). The training order is
+    Loader.epoch_order's, each epoch a permutation drawn from (seed, epoch). Validation is 5% of the usable
+    examples (drawn with ALPACA_SPLIT_SEED: a --seq_len that drops examples changes it), in file order, wrapping.
+    A micro-batch is packed (see pack), or one row per example padded to the longest (collate)."""
 
     def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337, packing=False):
         super().__init__(seq_len, batch_size, accum_steps, rank, world_size, seed, packing)
@@ -225,9 +219,8 @@ class ExampleLoader(Loader):
         return tokens[:-1], np.where(self.labelled[i][1:], tokens[1:], IGNORE_INDEX)
 
     def collate(self, ids):
-        """(x, y, None): int64 tensors of shape (len(ids), longest example - 1), one example a row. x is padded at
-        the end, where causal attention keeps the padding from the real tokens, with <|endoftext|> (any id would do:
-        its labels are IGNORE_INDEX)."""
+        """(x, y, None): int64 (len(ids), longest example - 1), one example a row, padded at the end (where causal
+        attention keeps it from the real tokens) with <|endoftext|>, whose labels are IGNORE_INDEX."""
         width = max(len(self.examples[i]) for i in ids) - 1
         x = np.full((len(ids), width), EOT_TOKEN, dtype=np.int64)
         y = np.full((len(ids), width), IGNORE_INDEX, dtype=np.int64)
@@ -237,14 +230,11 @@ class ExampleLoader(Loader):
         return torch.from_numpy(x), torch.from_numpy(y), None
 
     def pack(self, ids):
-        """(x, y, positions): the same examples as collate(ids), back to back in rows of at most seq_len tokens.
-        positions (int64, the shape of x) restart at 0 where each example starts: the model confines attention to
-        each example and gives its tokens the positions they would have alone (GPT.forward), so every example is
-        computed as in its own row. A row's unused end is padding, as in collate, with positions of its own.
-
-        The rows are those of first-fit-decreasing at the width (seq_len, or a multiple of 16 below it) that leaves
-        the least padding: on GSM8K's records at 16 a micro-batch, 5% of the tokens instead of collate's 38%
-        (README.md), for about a millisecond of packing."""
+        """(x, y, positions): collate(ids)'s examples back to back in rows of at most seq_len tokens, positions
+        restarting at 0 where each starts: the model confines attention to each example and gives its tokens the
+        positions they would have alone (GPT.forward). A row's unused end is padding, with positions of its own.
+        The rows are first-fit-decreasing's at the width (seq_len, or a multiple of 16 below) that leaves the least
+        padding: on GSM8K at 16 a micro-batch, 5% of the tokens instead of collate's 38%, in about a millisecond."""
         lengths = {i: len(self.examples[i]) - 1 for i in ids}
         longest_first = sorted(ids, key=lambda i: -lengths[i])  # (stable: ties keep the batch's order)
         shortest = -(-lengths[longest_first[0]] // 16) * 16
@@ -276,6 +266,20 @@ class ExampleLoader(Loader):
     def prompt(self, i):
         """Example i's tokens before its first target: what a model is given to produce the first reply."""
         return self.examples[i][: int(np.argmax(self.labelled[i]))].tolist()
+
+    def sample_prompt(self):
+        """The first validation example's prompt, answered greedily (as an answer is judged)."""
+        return self.prompt(self.splits["val"][0]), True
+
+    def eval_batches(self, split, batch_size, max_tokens=None):
+        """The split's examples in order, batch_size at a time (packed with packing)."""
+        ids, predicted = self.splits[split], 0
+        for first in range(0, len(ids), batch_size):
+            x, y, positions = self.make_batch(split, ids[first : first + batch_size])
+            yield x, y, positions
+            predicted += int((y != IGNORE_INDEX).sum())
+            if max_tokens and predicted >= max_tokens:
+                return
 
 
 def first_fit_decreasing(longest_first, lengths, width):
@@ -326,11 +330,9 @@ class AlpacaLoader(ExampleLoader):
 
 
 class ChatLoader(ExampleLoader):
-    """Chat fine-tuning on conversations: records {"messages": [{"role", "content"}, ...]} (OpenAI's format) or
-    {"conversations": [{"from", "value"}, ...]} (ShareGPT's), an optional system message first, then user and
-    assistant messages. Each conversation is chat_tokens' tokens, every assistant reply (and the <|endoftext|> ending
-    it) a target, everything else context. One too long for --seq_len is cut after the last reply that fits, else
-    within its first reply; one whose first reply starts beyond --seq_len is dropped."""
+    """Chat fine-tuning on conversations (records.conversation's formats): chat_tokens' tokens, every assistant
+    reply (and the <|endoftext|> ending it) a target, the rest context. One too long for --seq_len is cut after the
+    last reply that fits, else within its first reply; one whose first reply starts beyond --seq_len is dropped."""
 
     def read_examples(self, path):
         records, places = read_json_records(path, "chat")
@@ -370,9 +372,9 @@ def shard_tokens(path):
 
 
 class TokenStream:
-    """One split's shards as one 1-D sequence of tokens, read lazily: len(stream), and stream[a:b] (step 1) or
-    stream[i], which copy those tokens, across shard boundaries, into a np.uint16 array. ShardLoader.splits holds
-    these, where TextLoader's holds arrays: code that takes len() and slices reads either."""
+    """One split's shards as one 1-D sequence of tokens, read lazily: len(stream), and stream[a:b] (step 1), which
+    copies those tokens, across shard boundaries, into a np.uint16 array. ShardLoader.splits holds these, where
+    TextLoader's holds arrays: code that takes len() and slices reads either."""
 
     def __init__(self, shards, names=None):
         kept = [(s, name) for s, name in zip(shards, names or [None] * len(shards)) if len(s)]
@@ -388,11 +390,6 @@ class TokenStream:
         return int(self.starts[-1])
 
     def __getitem__(self, index):
-        if not isinstance(index, slice):
-            i = int(index) + (len(self) if int(index) < 0 else 0)
-            if not 0 <= i < len(self):
-                raise IndexError(f"token {index} of a stream of {len(self)}")
-            return self[i : i + 1][0]
         start, stop, step = index.indices(len(self))
         if step != 1:
             raise ValueError("a TokenStream is sliced into consecutive tokens only (step 1)")
@@ -437,11 +434,9 @@ class ShardLoader(Loader):
     N tokens has n = (N - 1) // seq_len windows: window w is tokens [w * seq_len, (w + 1) * seq_len + 1), x and its
     targets y, and may run from one shard into the next.
 
-    Batches are a pure function of (seed, split, step, micro_step, rank), like the other loaders', so the step is
-    the whole position in the data: --resume needs nothing else to continue exactly. The training order is
-    Loader.epoch_order's with shuffled_index as each epoch's permutation (no table, however many windows), so the
-    corpus's order (one source after another) never shows as a period in the loss; validation reads the windows in
-    order from the start of the split."""
+    The training order is Loader.epoch_order's with shuffled_index as each epoch's permutation (no table, however
+    many windows), so the corpus's order (one source after another) never shows as a period in the loss;
+    validation reads the windows in order from the start of the split."""
 
     def __init__(self, path, seq_len, batch_size, accum_steps, rank=0, world_size=1, seed=1337, packing=False):
         super().__init__(seq_len, batch_size, accum_steps, rank, world_size, seed, packing)
@@ -482,7 +477,6 @@ class ShardLoader(Loader):
         return shuffled_index(positions, n, self.seed, epoch)
 
     def make_batch(self, split, windows):
-        """(x, y, None), x and y of shape (len(windows), seq_len), y being x shifted one token left."""
         tokens, L = self.splits[split], self.seq_len
         rows = np.stack([tokens[w * L : (w + 1) * L + 1] for w in windows])
         if rows.max() > EOT_TOKEN:
@@ -492,8 +486,7 @@ class ShardLoader(Loader):
             name, offset = tokens.locate(int(windows[row]) * L + int(column))
             raise DataError(f"{name} holds token id {rows[row, column]} at token {offset}, beyond GPT-2's vocabulary "
                             f"(0 to {EOT_TOKEN}): the shard is damaged or of another tokenizer; rerun prepare.py")
-        window = torch.from_numpy(rows.astype(np.int64))
-        return window[:, :-1].contiguous(), window[:, 1:].contiguous(), None
+        return shifted(rows)
 
 
 # --dataset_type: its loader

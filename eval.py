@@ -19,9 +19,8 @@ import tempfile
 import time
 
 from checkpoint import is_checkpoint, load_checkpoint, load_model
-from data import ExampleLoader
 from tokenizer import IGNORE_INDEX
-from evaluation import evaluate, hellaswag_accuracy, load_hellaswag, windows
+from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
 from cli import HelpFormatter, OneLineParser, UserError, add_device_flags, non_negative_int, positive_int, print_error
 from files import DataError, WriteError, write_atomically
 from options import add_data_flags, given_flags, make_loader
@@ -55,23 +54,8 @@ def build_parser():
     return p
 
 
-def example_batches(loader, split, batch_size, max_tokens):
-    """The split's examples (Alpaca records, conversations) in order, batch_size at a time."""
-    ids, predicted = loader.splits[split], 0
-    for first in range(0, len(ids), batch_size):
-        x, y, positions = loader.make_batch(split, ids[first : first + batch_size])
-        yield x, y, positions
-        predicted += int((y != IGNORE_INDEX).sum())
-        if max_tokens and predicted >= max_tokens:
-            return
-
-
 def evaluate_split(model, args, rt):
-    loader = make_loader(args, accum_steps=1)
-    if isinstance(loader, ExampleLoader):
-        batches = example_batches(loader, args.split, args.batch_size, args.max_tokens)
-    else:
-        batches = windows(loader.splits[args.split], args.seq_len, args.batch_size, args.max_tokens)
+    batches = make_loader(args, accum_steps=1).eval_batches(args.split, args.batch_size, args.max_tokens)
     result = evaluate(model, with_progress(batches, args.max_tokens), rt)
     return {"loss": result["loss"], "ppl": result["ppl"], "bpb": result["bpb"], "tokens": result["labels"]}
 

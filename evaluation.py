@@ -186,19 +186,3 @@ def hellaswag_batch(items, block_size):
         y[r, len(row) - 1 - n : len(row) - 1] = torch.tensor(row[len(row) - n :])
     labels = [label for _, _, label in items]
     return x, y, *(torch.tensor(values) for values in (item, ending, lengths, labels))
-
-
-def windows(tokens, seq_len, batch_size, max_tokens):
-    """(x, y, None) batches of consecutive windows over a token array: every token but the first predicted once."""
-    n_windows = -(-(len(tokens) - 1) // seq_len)  # the last window may be shorter
-    if max_tokens:
-        n_windows = min(n_windows, -(-max_tokens // seq_len))
-    for first in range(0, n_windows, batch_size):
-        rows = [np.asarray(tokens[w * seq_len : (w + 1) * seq_len + 1], dtype=np.int64)
-                for w in range(first, min(first + batch_size, n_windows))]
-        x = torch.full((len(rows), max(map(len, rows)) - 1), 0, dtype=torch.long)
-        y = torch.full_like(x, IGNORE_INDEX)
-        for i, row in enumerate(rows):
-            x[i, : len(row) - 1] = torch.from_numpy(row[:-1])
-            y[i, : len(row) - 1] = torch.from_numpy(row[1:])
-        yield x, y, None

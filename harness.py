@@ -9,7 +9,7 @@ tokenizer:
 - loglikelihood(context, continuation): the continuation's log-probability after the context, and whether greedy
   decoding would have produced it (multiple-choice tasks: HellaSwag, ARC, PIQA, ...);
 - loglikelihood_rolling(text): a whole text's log-probability (perplexity tasks), in consecutive windows of seq_len
-  tokens after an <|endoftext|>, each token predicted once from its window's earlier tokens: evaluation.windows, as
+  tokens after an <|endoftext|>, each token predicted once from its window's earlier tokens: data.windows, as
   eval.py evaluates a split, so the same text in the same windows gives the same nats;
 - generate_until(context, until): greedy text, cut at the first stop string.
 Tasks come from the harness's registry (the hub's datasets: online) and from the YAML files of include_path (this
@@ -26,7 +26,7 @@ from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
 from cli import UserError, first_line
-from evaluation import windows
+from data import windows
 from tokenizer import EOT_TOKEN, IGNORE_INDEX, get_tokenizer
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
@@ -129,7 +129,10 @@ def broken_task_file(include_path):
 
 def run_tasks(model, rt, names, seq_len, batch_size, limit=None, num_fewshot=None, include_path=TASKS_DIR):
     """lm-eval's results dict for the tasks `names` on model; an unknown task is a UserError naming it."""
-    manager = TaskManager(include_path=include_path)
+    # the folder's tasks alone first: indexing the harness's own ~15,000 task files takes 10 s or more
+    manager = TaskManager(include_path=include_path, include_defaults=False)
+    if not set(names) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=include_path)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         broken_task_file(include_path)

@@ -1,7 +1,7 @@
 """
 What a run measures of its device: the peak FLOP/s that MFU is measured against (a GPU's data sheet, or a matmul
 timed on the spot), the memory a step needs (estimated from the model's shape, and measured: the most a step's
-tensors hold), and the tokens/s and MFU that train.py logs.
+tensors hold), the tokens/s and MFU that train.py logs, and whether a text fits text mode's tokenizing in memory.
 
     speed = Throughput(model.flops_per_token(seq_len), rt, step)    # then speed.count(tokens), speed.read(step)
     need = sum(memory_estimate(config, tokens, shards, activation_checkpointing).values())   # before a run
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from files import WriteError, write_atomically
+from files import DataError, WriteError, write_atomically
 
 
 def peak_flops(rt, measure_again=False):
@@ -176,13 +176,16 @@ def device_memory_bytes(rt):
     where it is not known)."""
     if rt.device_type == "cuda":
         return torch.cuda.get_device_properties(rt.device).total_memory
-    if rt.device_type != "cpu":
-        return None
+    total = physical_memory_bytes() if rt.device_type == "cpu" else None
+    return None if total is None else total // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def physical_memory_bytes():
+    """This machine's memory, or None where the operating system doesn't say (Windows)."""
     try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # (not a POSIX system)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
         return None
-    return total // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def peak_memory_bytes(fn, rt, resident=()):
@@ -269,3 +272,23 @@ class Throughput:
         self.restart(step)
         mfu = flops / self.peak
         return {"tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4)}
+
+
+# Tokenizing holds the file's bytes, its text and a Python int per token (about 0.25 a byte, 36 bytes each).
+TOKENIZING_BYTES_PER_TEXT_BYTE = 12
+
+
+def check_text_fits_in_memory(path):
+    """Text mode reads and tokenizes the whole file in every process: a file that would fill over half of the
+    machine's memory so is refused, with the way that scales (prepare.py's shards), instead of running out of it."""
+    memory = physical_memory_bytes()
+    if memory is None or not os.path.isfile(path):
+        return  # no way to tell here; a missing file is read_text's to report
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    size = os.path.getsize(path)
+    needed = size * TOKENIZING_BYTES_PER_TEXT_BYTE * processes
+    if needed > memory / 2:
+        raise DataError(f"{path} is {size / 1e9:.1f} GB: too big for text mode, which tokenizes all of it in each of "
+                        f"the {processes} process(es) here ({needed / 1e9:.0f} GB in all, over half of this machine's "
+                        f"{memory / 1e9:.0f} GB); write token shards once with `python prepare.py {path} --out_dir "
+                        f"DIR` and train with --dataset_type shards --dataset_path DIR")

@@ -101,11 +101,10 @@ class CausalSelfAttention(nn.Module):
 
 class PackedRows:
     """Attention for rows that hold several examples back to back (data.py's ExampleLoader.pack), given each token's
-    position in its example (B, T), 0 where an example starts: a token attends to the earlier tokens of its own
-    example only, so each example is computed exactly as in a row of its own. On a GPU in bf16/fp16, PyTorch's
-    variable-length flash attention, which skips the other examples' blocks (finding the starts waits for the device
-    once a forward); on a CPU, the causal kernel on each example's own tokens (segment_attention); elsewhere (a GPU
-    in float32 or with dropout, torch.compile) a (B, 1, T, T) mask. Each is built on first use, shared by the layers."""
+    position in its example (B, T), 0 where one starts: a token attends to its own example's earlier tokens only, so
+    each example is computed as in a row of its own. On a GPU in bf16/fp16, variable-length flash attention, which
+    skips the other examples' blocks; on a CPU, the causal kernel on each example alone (segment_attention);
+    elsewhere (a GPU in fp32 or with dropout, torch.compile) a (B, 1, T, T) mask. Built on first use, for all layers."""
 
     def __init__(self, positions):
         self.positions = positions
@@ -126,12 +125,10 @@ class PackedRows:
 
     def segment_attention(self, q, k, v, dropout_p):
         """(B, T, n_head, head_size) q, k, v -> the attention's output, in the same shape: SDPA's causal kernel on
-        each example alone (and each row's padding tail), in a Python loop. With a mask the CPU kernels compute all
-        T x T scores of a row; here an example costs what it costs alone, plus the loop's ~1.5 ms a layer (a GSM8K
-        micro-batch of 16: ~22 segments). The rows are split at the starts and joined back by cat: one copy each way
-        in backward, where slicing would add a zero-filled gradient of the whole batch per segment. In float32 even
-        under bf16 autocast: the CPU flash kernel's bf16 backward costs 4-7x its float32 one at these lengths (~150
-        tokens, head size 32: 2.8 vs 0.6 ms), more than bf16 saves elsewhere in attention; and it is more accurate."""
+        each example alone (and each row's padding tail), in a Python loop of ~1.5 ms a layer; a mask would cost all
+        T x T scores of a row. Split at the starts and joined by cat: slicing would add a zero-filled gradient of the
+        whole batch per segment in backward. In float32 even under bf16 autocast: the CPU flash kernel's bf16
+        backward costs 4-7x its float32 one at these lengths (~150 tokens, head size 32: 2.8 vs 0.6 ms)."""
         B, T, H, D = q.shape
         if self._lengths is None:
             starts = self.positions == 0
@@ -164,25 +161,18 @@ class PackedRows:
         return y.view(B, T, H, D)
 
 
-def _varlen_attention():
-    """torch.nn.attention.varlen.varlen_attn, where this PyTorch has it (2.10 and later)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-        return varlen_attn
-    except ImportError:
-        return None
-
-
-VARLEN_ATTENTION = _varlen_attention()
+try:  # variable-length flash attention, in PyTorch 2.10 and later
+    from torch.nn.attention.varlen import varlen_attn as VARLEN_ATTENTION
+except ImportError:
+    VARLEN_ATTENTION = None
 
 
 class CrossEntropy(torch.autograd.Function):
     """F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none"): (rows, vocab), (rows,) ->
-    (rows,) nats, 0 where the target is IGNORE_INDEX; faster where the vocabulary is large. PyTorch's keeps the
-    log-softmax, then in backward fills a (rows, vocab) one-hot gradient and recomputes the exponentials from it;
-    keeping the softmax instead makes the gradient, softmax - one_hot(target), one in-place pass. With GPT-2's 50,257
-    tokens and a small model that is a large part of a CPU's training step (README.md, Performance). Loss:
-    -log p(target), with p clamped to the smallest normal float (87 nats at most: only a diverged model gets there)."""
+    (rows,) nats, 0 where the target is IGNORE_INDEX. PyTorch's keeps the log-softmax, then in backward fills a
+    one-hot gradient and recomputes the exponentials; keeping the softmax makes the gradient, softmax - one_hot, one
+    in-place pass: with GPT-2's 50,257 tokens, a large part of a small model's CPU step (README.md, Performance).
+    -log p(target), p clamped to the smallest normal float (87 nats at most: only a diverged model gets there)."""
 
     @staticmethod
     def forward(ctx, logits, targets):
@@ -202,10 +192,9 @@ class CrossEntropy(torch.autograd.Function):
 
 
 def softmax_float32(logits):
-    """softmax(logits, dim=-1) in float32, (rows, vocab) -> (rows, vocab). Under autocast the logits are bf16/fp16,
-    and a float32 copy of all of them (logits.float(): 13 GB at 64 x 1024 tokens of GPT-2's vocabulary) would sit
-    next to the float32 softmax; here a block of rows at a time is converted, into the softmax's own memory. Small
-    blocks on a CPU stay in its cache (faster than one pass); large ones on a GPU keep the kernel launches few."""
+    """softmax(logits, dim=-1) in float32, (rows, vocab). Under autocast the logits are bf16/fp16, and a float32 copy
+    of all of them (13 GB at 64 x 1024 tokens) would sit next to the softmax: a block of rows at a time is converted
+    instead, into the softmax's memory (small blocks stay in a CPU's cache; large ones keep a GPU's launches few)."""
     if logits.dtype == torch.float32:
         return torch.softmax(logits, dim=-1)
     probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
@@ -225,8 +214,8 @@ def cross_entropy(logits, targets, reduction="mean"):
 
 
 class KVCache:
-    """The keys and values of the positions generated so far, so that each new token costs one position's work
-    instead of the whole prefix's. Preallocated to the model's context on first use (no copy per token)."""
+    """The keys and values of the positions so far: a new token costs one position's work, not the whole prefix's.
+    Preallocated to the model's context on first use (no copy per token)."""
 
     def __init__(self, config):
         self.size = config.block_size
@@ -255,8 +244,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        # (B, T, C) -> (B, T, 4C) -> (B, T, C). GPT-2 was trained with the tanh approximation of GELU; the exact
-        # erf form would change its outputs
+        # (B, T, C) -> (B, T, 4C) -> (B, T, C), in GELU's tanh approximation: GPT-2 was trained with it
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
@@ -302,8 +290,8 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_PROJECTION", False):
-                # Each block adds two projections to the residual stream, so its variance grows with depth;
-                # GPT-2 scales these initial weights by 1/sqrt(2 * n_layer) to keep it constant.
+                # each block adds two projections to the residual stream, whose variance so grows with depth:
+                # GPT-2 scales their initial weights by 1/sqrt(2 * n_layer) to keep it constant
                 std *= (2 * self.config.n_layer) ** -0.5
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -314,11 +302,9 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None, loss_reduction="mean", positions=None):
         """idx: (B, T) token ids. With targets (B, T), returns (logits (B, T, vocab), loss): the mean cross-entropy
         over the targets that are not IGNORE_INDEX, or with loss_reduction="none" each position's (B, T), 0 where
-        ignored (for evaluations that weigh tokens their own way). Without targets, returns (logits of the last
-        position only (B, 1, vocab), None): all that generation needs, at 1/T of the cost. With a KVCache, idx
-        continues the positions already in it, and their keys and values are reused. positions (B, T), for rows
-        that hold several examples (a packed batch), is each token's position in its example: attention stays
-        within each example (PackedRows)."""
+        ignored. Without targets, (the last position's logits (B, 1, vocab), None): all generation needs, at 1/T of
+        the cost. With a KVCache, idx continues the positions in it. positions (B, T), for rows holding several
+        examples (a packed batch), is each token's position in its example: attention stays within each (PackedRows)."""
         B, T = idx.shape
         past = 0 if cache is None else cache.length
         if past + T > self.config.block_size:
@@ -348,11 +334,10 @@ class GPT(nn.Module):
         return logits, loss.view(B, T) if loss_reduction == "none" else loss
 
     def output_layer(self, x):
-        """lm_head(x). On a GPU, tensor cores need matrix sizes that are multiples of 8 (and are fastest at 64),
-        and GPT-2's 50,257 is odd: the matmul runs with the weight padded by zero rows to a multiple of 64 and the
-        logits are sliced back, so the parameter, the checkpoints and the exported weights keep 50,257 rows. The
-        padded copy costs microseconds on a GPU; CPUs gain nothing from it (bench.py), so they skip it. On a CPU in
-        fp32 the product goes through oneDNN instead (see OneDNNLinear). x: (B, T, n_embd) -> (B, T, vocab)."""
+        """lm_head(x), (B, T, n_embd) -> (B, T, vocab). GPU tensor cores need sizes that are multiples of 8 (and are
+        fastest at 64), and GPT-2's 50,257 is odd: the weight is padded by zero rows to a multiple of 64 and the
+        logits sliced back, so the parameter, checkpoints and exports keep 50,257 rows (microseconds on a GPU; CPUs
+        gain nothing from it: bench.py). On a CPU in fp32 the product goes through oneDNN (see OneDNNLinear)."""
         if x.is_cuda:
             return padded_linear(x, self.lm_head.weight, multiple=64)
         # (under autocast the matmul runs in bf16 anyway; under torch.compile, inductor picks its own kernels)
@@ -362,18 +347,16 @@ class GPT(nn.Module):
         return self.lm_head(x)
 
     def num_params(self, non_embedding=False):
-        """Parameters, each counted once (the tied head is the token embedding). non_embedding drops both
-        embeddings: what the per-token compute scales with, apart from the output layer."""
+        """Parameters, each once (the tied head is the token embedding); non_embedding: without the embeddings."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs (forward + backward) per token: 6 per matmul weight, 4 per frozen one (the output layer
-        included; embedding lookups, biases and LayerNorms are not matmuls), plus attention's QK^T and AV, 12 *
-        n_layer * n_embd * seq_len (PaLM, appendix B, without its causal halving, as nanoGPT and most MFU figures
-        count it)."""
+        """Training FLOPs (forward + backward) per token: 6 per matmul weight, 4 per frozen one, the output layer
+        included, plus attention's QK^T and AV, 12 * n_layer * n_embd * seq_len (PaLM, appendix B, without its causal
+        halving, as nanoGPT and most MFU figures count it)."""
         cfg = self.config
         weights = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
         # a frozen weight (LoRA's base) costs its forward and the gradient of its input, 4, and no weight gradient
@@ -387,13 +370,12 @@ class GPT(nn.Module):
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
                         stop_token=None, use_cache=True, cache=None):
         """Yield the next token of each row, (B, 1), max_new_tokens times, continuing idx (B, T). temperature 0 is
-        greedy; top_k keeps the k most likely tokens, top_p the fewest whose probability adds up to top_p (both may
-        be given). Rows that have produced stop_token keep producing it; the stream ends when all have. When the
-        context is full the window slides by half of it (the newest block_size // 2 tokens fed again from position 0:
-        GPT-2's positions are absolute). The cache only saves work: use_cache=False gives the same tokens.
-        cache: a KVCache the caller keeps from call to call (sample.py --chat's turns); idx is then only the tokens
-        after the cache's, and nothing slides: the caller keeps cache.length + T + max_new_tokens - 1 within
-        block_size. Every token fed ends up in the cache; the last one yielded is not fed."""
+        greedy; top_k keeps the k most likely tokens, top_p the fewest whose probability adds up to top_p. Rows that
+        have produced stop_token keep producing it; the stream ends when all have. A full context slides by half
+        (the newest block_size // 2 tokens fed again from position 0: GPT-2's positions are absolute). The cache only
+        saves work: use_cache=False gives the same tokens. cache: a KVCache the caller keeps from call to call
+        (sample.py --chat's turns); idx is then only the tokens after the cache's, and nothing slides: the caller
+        keeps cache.length + T + max_new_tokens - 1 within block_size. The last token yielded is not fed."""
         kept = cache is not None
         if kept and cache.length + idx.size(1) + max_new_tokens - 1 > self.config.block_size:
             raise ValueError(f"{cache.length} cached + {idx.size(1)} new + {max_new_tokens} generated tokens exceed "
@@ -419,20 +401,14 @@ class GPT(nn.Module):
                 window = window[:, -(self.config.block_size // 2) :]
                 new_tokens, cache = window, KVCache(self.config) if use_cache else None
 
-    def generate(self, idx, max_new_tokens, **kwargs):
-        """idx (B, T) extended by up to max_new_tokens tokens: generate_stream's, collected."""
+    def generate(self, idx, max_new_tokens, **kwargs):  # idx (B, T) and generate_stream's tokens after it
         return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **kwargs)], dim=1)
 
 
-def _onednn_linear():
-    """oneDNN's linear kernel (the one torch.compile uses on CPUs), where this build of PyTorch has it."""
-    try:
-        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
-    except (AttributeError, RuntimeError):
-        return None
-
-
-ONEDNN_LINEAR = _onednn_linear()
+try:  # oneDNN's linear kernel (the one torch.compile uses on CPUs), where this build of PyTorch has it
+    ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+except (AttributeError, RuntimeError):
+    ONEDNN_LINEAR = None
 
 
 class OneDNNLinear(torch.autograd.Function):

@@ -27,7 +27,7 @@ import torch
 import lora
 from checkpoint import CHECKPOINT, METRICS, MetricsLog, base_identity, claim_out_dir, save_checkpoint
 from cli import UserError, first_line, print_error
-from data import ExampleLoader, Loader
+from data import Loader
 from files import DataError
 from tokenizer import EOT_TOKEN, get_tokenizer
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
@@ -128,7 +128,7 @@ def setup(argv):
     rt = setup_runtime(args.device, args.dtype)
     check_memory(cfg, args, rt, accum_steps)
     loader = make_loader(args, accum_steps, rt.rank, rt.world_size)
-    if isinstance(loader, ExampleLoader) and rt.master:
+    if loader.summary() and rt.master:
         print(loader.summary())
     hellaswag_items = load_hellaswag(args.hellaswag_path, rt) if args.hellaswag_path else None
 
@@ -381,11 +381,8 @@ def print_sample(run):
     validation example's prompt (greedy, as the answer to a question is judged)."""
     model, rt, args, loader = run.raw_model, run.rt, run.args, run.loader
     tokenizer = get_tokenizer()
-    if isinstance(loader, ExampleLoader):
-        prompt = loader.prompt(loader.splits["val"][0])
-        temperature, shown = 0.0, tokenizer.decode([t for t in prompt if t != EOT_TOKEN])
-    else:
-        prompt, temperature, shown = tokenizer.encode_ordinary("\n"), 0.8, ""
+    prompt, greedy = loader.sample_prompt()
+    temperature, shown = (0.0, tokenizer.decode([t for t in prompt if t != EOT_TOKEN])) if greedy else (0.8, "")
     generator = torch.Generator(device=rt.device).manual_seed(args.seed)
     model.eval()
     with rt.autocast():

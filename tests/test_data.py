@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import measure
 from conftest import SHARED
 from data import AlpacaLoader, TextLoader, batch_rows, fitting_length, load_text_tokens
 from files import DataError
@@ -305,7 +306,7 @@ def test_gsm8k_in_alpaca_format_loads_and_batches():
 def test_a_text_too_big_for_memory_in_every_process_points_to_prepare_py(small_text, monkeypatch):
     size = os.path.getsize(small_text)
     # a machine with the memory for one process's tokenizing, but not for eight
-    monkeypatch.setattr(data, "physical_memory_bytes", lambda: size * data.TOKENIZING_BYTES_PER_TEXT_BYTE * 2 * 4)
+    monkeypatch.setattr(measure, "physical_memory_bytes", lambda: size * measure.TOKENIZING_BYTES_PER_TEXT_BYTE * 8)
     assert len(load_text_tokens(small_text)) > 0
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     with pytest.raises(DataError, match=r"too big for text mode.*8 process.*prepare\.py .* --dataset_type shards"):

@@ -166,6 +166,7 @@ def test_a_second_ctrl_c_during_a_step_stops_at_once_without_a_traceback(small_t
     assert not (tmp_path / "ckpt.pt").exists()
 
 
+@pytest.mark.slow  # (7-10 s: torchrun, its launcher killed, then a resume)
 def test_workers_whose_launcher_is_killed_save_and_stop_and_the_run_resumes(small_text, tmp_path):
     # kill -9 to torchrun alone (a scheduler, a closed terminal): its workers must not train on as orphans
     flags = [*TINY, "--dataset_path", small_text, "--out_dir", str(tmp_path), "--max_steps", "100000",

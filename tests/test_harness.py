@@ -10,7 +10,8 @@ import torch
 import eval as eval_script
 from checkpoint import save_checkpoint
 from conftest import REPO
-from evaluation import evaluate, windows
+from data import windows
+from evaluation import evaluate
 from model import GPT, GPTConfig
 from runtime import Runtime
 from tokenizer import EOT_TOKEN, get_tokenizer

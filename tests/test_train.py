@@ -129,7 +129,8 @@ def test_muon_lowers_the_loss_under_every_dtype(dtype, small_text, tmp_path):
 OLD_MUON = os.path.join(REPO, "tests", "fixtures", "muon_ckpt_before_issue_20")
 
 
-@pytest.mark.parametrize("launch", [[], ["--fsdp"], pytest.param(["--no-fsdp"], marks=pytest.mark.slow)],
+@pytest.mark.parametrize("launch", [[], pytest.param(["--fsdp"], marks=pytest.mark.slow),
+                                    pytest.param(["--no-fsdp"], marks=pytest.mark.slow)],
                          ids=["one process", "fsdp", "ddp"])
 def test_a_muon_checkpoint_from_before_the_optimizer_move_resumes_with_its_run_s_losses(launch, tmp_path):
     os.makedirs(tmp_path / "out")
