@@ -372,8 +372,8 @@ def shard_tokens(path):
 
 
 class TokenStream:
-    """One split's shards as one 1-D sequence of tokens, read lazily: len(stream), and stream[a:b] (step 1), which
-    copies those tokens, across shard boundaries, into a np.uint16 array. ShardLoader.splits holds these, where
+    """One split's shards as one 1-D sequence of tokens, read lazily: len(stream), stream[i], and stream[a:b] (step
+    1), which copies those tokens, across shard boundaries, into a np.uint16 array. ShardLoader.splits holds these, where
     TextLoader's holds arrays: code that takes len() and slices reads either."""
 
     def __init__(self, shards, names=None):
@@ -390,6 +390,11 @@ class TokenStream:
         return int(self.starts[-1])
 
     def __getitem__(self, index):
+        if not isinstance(index, slice):
+            i = int(index) + (len(self) if int(index) < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"token {index} of a stream of {len(self)}")
+            return self[i : i + 1][0]
         start, stop, step = index.indices(len(self))
         if step != 1:
             raise ValueError("a TokenStream is sliced into consecutive tokens only (step 1)")
