@@ -1,19 +1,27 @@
 """LoRA through train.py (--lora_rank): only the adapters train, checkpoints hold them and the base's identity, a run
 resumes exactly and runs under torchrun, load_model and export.py read its checkpoints, and bad input is one line."""
 
+import contextlib
+import io
+import json
+import math
 import os
+import sys
 import types
 
 import pytest
 import torch
 
+import bench
+import eval as eval_script
 import export
 import lora
 import options
+import sample
 import train
 from checkpoint import load_adapted, load_checkpoint, load_model
 from cli import UserError
-from conftest import TINY, losses, read_metrics, run_script, run_train, without_model_flag
+from conftest import REPO, TINY, losses, read_metrics, run_script, run_train, without_model_flag
 from model import preset_config
 
 LORA = ["--lora_rank", "4"]
@@ -110,6 +118,49 @@ def test_export_writes_the_merged_model_and_a_peft_adapter_directory_that_give_o
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "already holds files" in err
     assert files_in(tmp_path / "peft") == before
+
+
+def eval_json(capsys, *flags):
+    """eval.py's JSON line."""
+    capsys.readouterr()
+    eval_script.main(["--device", "cpu", "--dtype", "float32", *flags])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_a_lora_chat_run_with_activation_checkpointing_is_read_by_sample_eval_and_bench_as_any_run(
+        base_run, tmp_path, monkeypatch, capsys):
+    # what a LoRA user combines: chat data, packed rows (the default), activation checkpointing; then the checkpoint,
+    # adapters only, read like any other by sample.py --chat, eval.py (its run's split, and --tasks), bench.py
+    chat = os.path.join(REPO, "chat_sample.json")
+    out = tmp_path / "lora"
+    records = run_from(chat, base_run, out, *LORA, "--dataset_type", "chat", "--seq_len", "64",
+                       "--activation_checkpointing", "--max_steps", "3")
+    assert load_checkpoint(str(out))["config"]["packing"] and all(math.isfinite(r["loss"]) for r in records)
+    # sample.py --chat: a reply, and no note that the weights were not fine-tuned on the chat template
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there.\n"))
+    capsys.readouterr()
+    sample.main(["--init_from", str(out), "--chat", "--temperature", "0", "--max_new_tokens", "8", "--device", "cpu",
+                 "--dtype", "float32"])
+    captured = capsys.readouterr()
+    assert captured.out and "note:" not in captured.err and "error" not in captured.err
+    # eval.py: the run's own chat split by default, the fine-tuned adapters better on it than the base they are on
+    tuned = eval_json(capsys, "--init_from", str(out))
+    base = eval_json(capsys, "--init_from", base_run, "--dataset_type", "chat", "--dataset_path", chat,
+                     "--seq_len", "64")
+    assert tuned["dataset"] == base["dataset"] == f"chat:{chat}" and tuned["val_loss"] < base["val_loss"]
+    eval_json(capsys, "--init_from", str(out), "--dataset_path", "none", "--tasks", "shakespeare_val", "--limit", "2")
+    assert "shakespeare_val" in json.loads((out / "lm_eval.json").read_text())
+    # bench.py decodes from it, with and without the KV cache, as transformers does from its merged export
+    result = run_bench_json(["--sample", "--init_from", str(out), "--prompt_tokens", "8", "--new_tokens", "8",
+                             "--device", "cpu", "--dtype", "float32"])
+    assert result["same_tokens_with_and_without_cache"] and result.get("same_tokens_as_transformers", True)
+
+
+def run_bench_json(argv):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        bench.main(argv)
+    return json.loads(stdout.getvalue().strip().splitlines()[-1])
 
 
 def test_a_lora_checkpoint_whose_base_is_different_or_missing_is_refused_in_one_line(small_text, base_run, tmp_path,
@@ -216,3 +267,13 @@ def test_train_alpaca_sh_passes_lora_s_flags_through_and_leaves_its_recipe_to_tr
     flags = result.stdout.split()
     assert " ".join(flags[flags.index("--lora_rank"):]).startswith("--lora_rank 16 --lora_alpha 8 --lora_targets attn")
     assert not {"--max_lr", "--optimizer", "--weight_decay", "--lora_dropout"} & set(flags)
+
+
+@pytest.mark.slow  # two launches of train.py, one compiling: ~1 min on a CPU
+def test_a_compiled_lora_run_gives_the_eager_run_s_losses(base_run, tmp_path):
+    chat = os.path.join(REPO, "chat_sample.json")
+    flags = [*LORA, "--dataset_type", "chat", "--seq_len", "64", "--max_steps", "3"]
+    eager = run_from(chat, base_run, tmp_path / "eager", *flags)
+    compiled = run_from(chat, base_run, tmp_path / "compiled", *flags, "--compile")
+    # the same math in another order of operations: equal to float rounding
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-3)
