@@ -18,7 +18,12 @@ import sys
 
 
 class UserError(Exception):
-    """A problem the user can fix (options, a device, a checkpoint, a diverging run): one line, no traceback."""
+    """A problem the user can fix (options, a device, a checkpoint, a diverging run): one line, no traceback.
+    from_this_rank: a problem of this process alone under torchrun (print_error prints it whatever its rank)."""
+
+    def __init__(self, message, from_this_rank=False):
+        super().__init__(message)
+        self.from_this_rank = from_this_rank
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -78,7 +83,8 @@ def first_line(error, limit=200):
 
 
 def print_error(error):
-    """`error: ...` on stderr, from rank 0 only: under torchrun every rank fails alike, and one line is enough."""
-    if os.environ.get("RANK", "0") == "0":
+    """`error: ...` on stderr, from rank 0 only: under torchrun every rank fails alike, and one line is enough (a
+    UserError from_this_rank is printed by the rank it happened on)."""
+    if os.environ.get("RANK", "0") == "0" or getattr(error, "from_this_rank", False):
         print(f"error: {error}", file=sys.stderr)
 

@@ -105,6 +105,7 @@ class Runtime:
 # How long a process waits for the others (a collective, or connecting at the start) before it fails instead of
 # hanging: long enough for rank 0 to write gpt2-xl's checkpoint while the others wait at the next step.
 DIST_TIMEOUT = datetime.timedelta(minutes=10)
+CONNECT_FAILURE_WAIT_SECONDS = 5  # see join_job
 
 
 def join_job():
@@ -124,10 +125,15 @@ def join_job():
     try:
         dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
     except Exception as e:  # DistNetworkError, DistBackendError, RuntimeError: whatever the transport raises
+        # torchrun stops every worker once one fails: if rank 0 failed too, its line must come out before this rank
+        # ends the job; if rank 0 is still waiting (only this node misconfigured), this rank's line is the only one
+        other_rank = os.environ["RANK"] != "0"
+        if other_rank:
+            time.sleep(CONNECT_FAILURE_WAIT_SECONDS)
         raise UserError(f"process {os.environ['RANK']} could not connect to the job's other processes "
                         f"({first_line(e)}); "
                         f"on several nodes, set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to the network interface "
-                        f"that joins them (README.md, several nodes)")
+                        f"that joins them (README.md, several nodes)", from_this_rank=other_rank)
 
 
 def setup_runtime(device="auto", dtype="auto"):
