@@ -71,6 +71,7 @@ def test_fsdp_on_two_processes_equals_one_process_with_double_accumulation(datas
     assert sharded.stdout.count("-" * 80) == 2  # the end-of-run sample, printed once
 
 
+@pytest.mark.slow  # (15 s; across numbers of processes, the default set resumes a one-process run on two)
 def test_a_sharded_checkpoint_resumes_in_one_process(small_text, tmp_path):
     # one format for both: the losses of the run that was never interrupted (a constant learning rate after warmup,
     # so that stopping at step 3 and going on to 6 is that run). The other way, a one-process checkpoint resumed
@@ -129,7 +130,6 @@ def test_processes_that_cannot_connect_say_so_in_one_line(small_text, tmp_path):
     assert "[rank0]: Traceback" not in result.stderr and not (tmp_path / "ckpt.pt").exists()
 
 
-@pytest.mark.slow  # (11 s; across numbers of processes, the default set resumes a sharded checkpoint in one)
 def test_a_one_process_run_resumes_on_two_processes_with_its_losses(small_text, tmp_path):
     # the default split, 1 process x 4 sequences, cannot go on as 2 x 4: the refusal names the --batch_size that
     # fits, and with it the run goes on with the global batch, so the losses of the uninterrupted run
