@@ -30,10 +30,12 @@ def build_training(model, rt, *, weight_decay, lr, betas, optimizer="adamw", muo
         shard_model(model, rt, reduce_dtype)
     else:
         model.to(rt.device)
-    # Muon's orthogonalisation in bf16 where the device multiplies bf16 natively, else in fp32 (emulated bf16 is
-    # many times slower on a CPU without bf16 units)
-    optimizer = build_optimizer(model, weight_decay, lr, betas, optimizer, muon_lr, muon_momentum,
-                                ns_dtype=torch.bfloat16 if rt.native_bf16 else torch.float32)
+    # Muon's orthogonalisation in bf16 on GPUs that multiply bf16 natively, else in fp32: a CPU without bf16 units
+    # emulates it many times slower, and one with them (oneDNN's bf16 kernels on an AMX Xeon) gave a second identical
+    # run in the same process other last bits one time in four, which bf16's rounding makes visible in the losses;
+    # fp32's costs gpt2-micro 11 ms a step more there (49 ms against 37), and its runs repeat bit for bit
+    ns_dtype = torch.bfloat16 if rt.native_bf16 and rt.device_type == "cuda" else torch.float32
+    optimizer = build_optimizer(model, weight_decay, lr, betas, optimizer, muon_lr, muon_momentum, ns_dtype=ns_dtype)
     scaler = rt.grad_scaler()
     if state is not None:
         load_training_state(model, optimizer, state["model"], state["optimizer"])

@@ -84,12 +84,11 @@ def test_resuming_gives_the_losses_of_an_uninterrupted_run(dataset_type, optimiz
     assert [r["step"] for r in resumed] == list(range(1, 9))
     for before, after in zip(straight, resumed):
         speed = {"tokens_per_sec", "mfu"}
-        exact = {k: v for k, v in after.items() if k not in speed and not k.startswith("val_")}
-        assert exact == {k: v for k, v in before.items() if k not in speed and not k.startswith("val_")}
-        # the training is bit for bit the same (the next steps' losses show the weights are); an evaluation of those
-        # same weights differed in its 7th digit in one run of six on an AMX machine: the CPU's kernels, not resume
-        assert {k: v for k, v in after.items() if k.startswith("val_")} == \
-            pytest.approx({k: v for k, v in before.items() if k.startswith("val_")}, rel=1e-5)
+        assert {k: v for k, v in after.items() if k not in speed} == \
+            {k: v for k, v in before.items() if k not in speed}  # bit for bit, evaluations included
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(interrupted / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[name], b[name]) for name in a)  # and the same weights
 
 
 @pytest.mark.parametrize("first, then", [("float16", "bfloat16"), ("bfloat16", "float16")])
