@@ -128,7 +128,7 @@ exec(compile(open("train.py").read(), "train.py", "exec"), {"__name__": "__main_
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_a_second_signal_during_a_save_stops_at_once_and_leaves_the_last_checkpoint(signum, small_text, tmp_path):
     cmd = [sys.executable, "-c", SLOW_SECOND_SAVE, "--dataset_path", small_text, "--out_dir", str(tmp_path), *TINY,
            "--max_steps", "100", "--save_interval", "1"]

@@ -130,6 +130,7 @@ def test_processes_that_cannot_connect_say_so_in_one_line(small_text, tmp_path):
     assert "[rank0]: Traceback" not in result.stderr and not (tmp_path / "ckpt.pt").exists()
 
 
+@pytest.mark.slow  # (11 s: three launches, one under torchrun)
 def test_a_one_process_run_resumes_on_two_processes_with_its_losses(small_text, tmp_path):
     # the default split, 1 process x 4 sequences, cannot go on as 2 x 4: the refusal names the --batch_size that
     # fits, and with it the run goes on with the global batch, so the losses of the uninterrupted run
