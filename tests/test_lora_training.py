@@ -118,6 +118,12 @@ def test_export_writes_the_merged_model_and_a_peft_adapter_directory_that_give_o
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "already holds files" in err
     assert files_in(tmp_path / "peft") == before
+    # a Hugging Face directory is a base like a checkpoint: a LoRA run on the merged export, read back through it
+    again = tmp_path / "lora-on-hf"
+    run_from(small_text, str(tmp_path / "merged"), again, *LORA, "--max_steps", "2")
+    model, record = load_adapted(str(again))
+    assert record["base"] == os.path.abspath(tmp_path / "merged")
+    assert torch.allclose(load_model(str(again))(idx, idx)[0], model(idx, idx)[0], atol=1e-5)
 
 
 def eval_json(capsys, *flags):
