@@ -373,8 +373,8 @@ def shard_tokens(path):
 
 class TokenStream:
     """One split's shards as one 1-D sequence of tokens, read lazily: len(stream), stream[i], and stream[a:b] (step
-    1), which copies those tokens, across shard boundaries, into a np.uint16 array. ShardLoader.splits holds these, where
-    TextLoader's holds arrays: code that takes len() and slices reads either."""
+    1), which copies those tokens, across shard boundaries, into a np.uint16 array. ShardLoader.splits holds these,
+    where TextLoader's holds arrays: code that takes len() and slices reads either."""
 
     def __init__(self, shards, names=None):
         kept = [(s, name) for s, name in zip(shards, names or [None] * len(shards)) if len(s)]
