@@ -56,7 +56,7 @@ from cli import HelpFormatter, OneLineParser, UserError, add_device_flags, non_n
 from optim import local_tensor, optimizer_step
 import lora
 from options import add_batch_flags, add_data_flags, add_lora_flags, add_model_flags, add_step_flags, \
-    batch_geometry, given_flags, make_loader, model_config
+    batch_geometry, check_lora, given_flags, make_loader, model_config
 from parallel import build_training
 from measure import memory_estimate, peak_flops, peak_memory_bytes
 from runtime import setup_runtime, shutdown
@@ -370,16 +370,9 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.lora_rank:  # train.py's checks (options.check_args), its default optimizer for LoRA
-            if args.fsdp:
-                raise UserError("--fsdp with --lora_rank: the adapters are megabytes: drop --fsdp (DDP)")
-            if "optimizer" in given_flags(parser, sys.argv[1:] if argv is None else argv) and args.optimizer == "muon":
-                raise UserError("--optimizer muon with --lora_rank: LoRA trains with adamw; drop --optimizer")
-            args.optimizer = "adamw"
-            try:
-                lora.parse_targets(args.lora_targets)
-            except ValueError as e:
-                raise UserError(f"--lora_targets: {e}")
+        check_lora(args, given_flags(parser, sys.argv[1:] if argv is None else argv))  # train.py's checks
+        if args.lora_rank:
+            args.optimizer = "adamw"  # LoRA's, as train.py's defaults make it
         if args.fsdp and "WORLD_SIZE" not in os.environ:
             raise UserError("--fsdp shards the model over the processes of a torchrun job: launch bench.py with "
                             "torchrun --nproc_per_node=N")
@@ -388,8 +381,7 @@ def main(argv=None):
             return
         # the batch arithmetic is checked before joining the processes of a torchrun job, so all of them stop alike
         cfg = model_config(args)
-        if args.lora_rank > cfg.n_embd:
-            raise UserError(f"--lora_rank {args.lora_rank} is larger than the model's width ({cfg.n_embd})")
+        check_lora(args, set(), cfg)
         accum_steps = batch_geometry(args, cfg, int(os.environ.get("WORLD_SIZE", 1)))
         if args.sample and args.checkpoint:
             raise UserError("--sample and --checkpoint are two benchmarks: give one")

@@ -276,9 +276,7 @@ def resolve(argv, world_size=None, load_weights=load_model):
     else:
         source_defaults(args, given, notes)
         cfg = model_config(args)
-    if args.lora_rank > cfg.n_embd:  # (every projection's smaller side is the model's width)
-        raise UserError(f"--lora_rank {args.lora_rank} is larger than the model's width ({cfg.n_embd}), the smaller "
-                        f"side of every projection it adapts: choose a rank from 1 to {cfg.n_embd} (8 to 64 is usual)")
+    check_lora(args, given, cfg)
     derive_defaults(args)
     check_schedule(args, given)
     accum_steps = batch_geometry(args, cfg, world_size or 1)
@@ -288,20 +286,29 @@ def resolve(argv, world_size=None, load_weights=load_model):
 def check_args(args, given, world_size):
     """What the flags' types cannot check alone (each number is checked as the command line is read)."""
     check_trackers(args)
-    if args.lora_rank:
-        try:
-            lora.parse_targets(args.lora_targets)
-        except ValueError as e:
-            raise UserError(f"--lora_targets: {e}")
-        if args.fsdp:
-            raise UserError("--fsdp with --lora_rank: the adapters are megabytes and the frozen base needs no "
-                            "gradients or optimizer state, so drop --fsdp and let DDP keep a copy in each process")
-        if args.optimizer == "muon" and "optimizer" in given:  # (LoRA's default is adamw)
-            raise UserError("--optimizer muon with --lora_rank: Muon would orthogonalise the low-rank adapters' "
-                            "updates; drop --optimizer (LoRA's default is adamw)")
+    check_lora(args, given)
     if args.fsdp and world_size is None:
         raise UserError("--fsdp shards the model over the processes of a torchrun job: launch it with torchrun "
                         "--nproc_per_node=N train.py ... (one process keeps the whole model anyway: drop --fsdp)")
+
+
+def check_lora(args, given, cfg=None):
+    """--lora_rank's flags that cannot go together (train.py's and bench.py's); with the model's cfg, the rank too."""
+    if not args.lora_rank:
+        return
+    try:
+        lora.parse_targets(args.lora_targets)
+    except ValueError as e:
+        raise UserError(f"--lora_targets: {e}")
+    if args.fsdp:
+        raise UserError("--fsdp with --lora_rank: the adapters are megabytes and the frozen base needs no gradients or "
+                        "optimizer state, so drop --fsdp and let DDP keep a copy in each process")
+    if args.optimizer == "muon" and "optimizer" in given:  # (LoRA's default is adamw)
+        raise UserError("--optimizer muon with --lora_rank: Muon would orthogonalise the low-rank adapters' updates; "
+                        "drop --optimizer (LoRA's default is adamw)")
+    if cfg is not None and args.lora_rank > cfg.n_embd:  # (every projection's smaller side is the model's width)
+        raise UserError(f"--lora_rank {args.lora_rank} is larger than the model's width ({cfg.n_embd}), the smaller "
+                        f"side of every projection it adapts: choose a rank from 1 to {cfg.n_embd} (8 to 64 is usual)")
 
 
 def check_schedule(args, given):

@@ -130,10 +130,11 @@ def join_job():
         other_rank = os.environ["RANK"] != "0"
         if other_rank:
             time.sleep(CONNECT_FAILURE_WAIT_SECONDS)
+        local_first = os.environ.get("LOCAL_RANK", "0") == "0"  # (one line a node, not one a process)
         raise UserError(f"process {os.environ['RANK']} could not connect to the job's other processes "
                         f"({first_line(e)}); "
                         f"on several nodes, set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to the network interface "
-                        f"that joins them (README.md, several nodes)", from_this_rank=other_rank)
+                        f"that joins them (README.md, several nodes)", from_this_rank=other_rank and local_first)
 
 
 def setup_runtime(device="auto", dtype="auto"):

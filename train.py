@@ -128,8 +128,9 @@ def setup(argv):
     rt = setup_runtime(args.device, args.dtype)
     check_memory(cfg, args, rt, accum_steps)
     loader = make_loader(args, accum_steps, rt.rank, rt.world_size)
-    if loader.summary() and rt.master:
-        print(loader.summary())
+    summary = loader.summary()  # (the examples kept, for fine-tuning data)
+    if summary and rt.master:
+        print(summary)
     hellaswag_items = load_hellaswag(args.hellaswag_path, rt) if args.hellaswag_path else None
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
