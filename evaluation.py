@@ -41,7 +41,8 @@ def evaluate(model, batches, rt, stop=None):
             return None
         x, y, positions = rt.to_device(batch)
         with rt.autocast():
-            _, nats = model(x, y, loss_reduction="none", positions=positions)  # (B, T), 0 where y is IGNORE_INDEX
+            # (B, T), 0 where y is IGNORE_INDEX
+            _, nats = model(x, y, loss_reduction="none", positions=positions, return_logits=False)
         labelled = y != IGNORE_INDEX
         token_bytes = byte_lengths[y.clamp(min=0)] * labelled
         nats = nats.to(sums.dtype)
@@ -152,7 +153,7 @@ def hellaswag_accuracy(model, items, rt, items_per_forward=16, stop=None):
         counted, batch = bool(batch), batch or items[:1]
         x, y, item, ending, lengths, labels = rt.to_device(hellaswag_batch(batch, model.config.block_size))
         with rt.autocast():
-            _, nats = model(x, y, loss_reduction="none")  # (rows, T): each ending's tokens' losses
+            _, nats = model(x, y, loss_reduction="none", return_logits=False)  # (rows, T): each ending's tokens' losses
         # (items, endings) tables of the endings' losses, inf where an item has fewer endings than the widest
         total = torch.full((len(batch), max(len(endings) for _, endings, _ in batch)), math.inf, device=rt.device)
         per_token = total.clone()

@@ -219,16 +219,13 @@ class KVCache:
 
     def __init__(self, config):
         self.size = config.block_size
-        self.keys = [None] * config.n_layer
-        self.values = [None] * config.n_layer
+        self.keys, self.values = [None] * config.n_layer, [None] * config.n_layer
         self.length = 0  # positions stored; GPT.forward advances it after all layers have written
 
     def update(self, layer, k, v):
         """Store the new keys and values (B, n_head, T, head_size) of one layer; return all of them so far."""
-        if self.keys[layer] is None:
-            B, H, _, D = k.shape
-            self.keys[layer] = k.new_empty(B, H, self.size, D)
-            self.values[layer] = v.new_empty(B, H, self.size, D)
+        if self.keys[layer] is None:  # (B, n_head, block_size, head_size)
+            self.keys[layer], self.values[layer] = (t.new_empty(*t.shape[:2], self.size, t.size(3)) for t in (k, v))
         end = self.length + k.size(2)
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
@@ -299,24 +296,22 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None, loss_reduction="mean", positions=None):
+    def forward(self, idx, targets=None, cache=None, loss_reduction="mean", positions=None, return_logits=True):
         """idx: (B, T) token ids. With targets (B, T), returns (logits (B, T, vocab), loss): the mean cross-entropy
         over the targets that are not IGNORE_INDEX, or with loss_reduction="none" each position's (B, T), 0 where
-        ignored. Without targets, (the last position's logits (B, 1, vocab), None): all generation needs, at 1/T of
-        the cost. With a KVCache, idx continues the positions in it. positions (B, T), for rows holding several
-        examples (a packed batch), is each token's position in its example: attention stays within each (PackedRows)."""
+        ignored; (None, loss) with return_logits=False. Without targets, (the last position's logits (B, 1, vocab),
+        None): all generation needs, at 1/T of the cost. With a KVCache, idx continues the positions in it. positions
+        (B, T), for rows holding several examples (a packed batch), is each token's position in its example:
+        attention stays within each (PackedRows)."""
         B, T = idx.shape
         past = 0 if cache is None else cache.length
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of length {past + T} is longer than the model's context "
-                             f"({self.config.block_size})")
-        packed = None
+        if past + T > (context := self.config.block_size):
+            raise ValueError(f"sequence of length {past + T} is longer than the model's context ({context})")
+        if positions is not None and cache is not None:
+            raise ValueError("positions are for packed batches, which generation with a KVCache does not take")
+        packed = None if positions is None else PackedRows(positions)
         if positions is None:
             positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
-        elif cache is not None:
-            raise ValueError("positions are for packed batches, which generation with a KVCache does not take")
-        else:
-            packed = PackedRows(positions)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, n_embd)
         for block in self.transformer.h:
             if self.activation_checkpointing and torch.is_grad_enabled():
@@ -329,9 +324,17 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.output_layer(x[:, [-1], :]), None
+        # The output layer and its softmax over 50,257 tokens are most of a small model's step: without the logits
+        # they run only where there is a target (a fine-tuning batch's prompts and padding are often most of it).
+        targets, rows = targets.reshape(B * T), None
+        if not return_logits and not torch.compiler.is_compiling():  # (a compiled graph keeps its shapes)
+            rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+            x, targets = x.reshape(B * T, -1)[rows], targets[rows]
         logits = self.output_layer(x)  # under autocast in bf16/fp16; the loss takes their softmax in fp32
-        loss = cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), loss_reduction)
-        return logits, loss.view(B, T) if loss_reduction == "none" else loss
+        loss = cross_entropy(logits.reshape(targets.numel(), -1), targets, loss_reduction)
+        if loss_reduction == "none":  # 0 where there is no target
+            loss = (loss if rows is None else loss.new_zeros(B * T).index_copy(0, rows, loss)).view(B, T)
+        return logits if return_logits else None, loss
 
     def output_layer(self, x):
         """lm_head(x), (B, T, n_embd) -> (B, T, vocab). GPU tensor cores need sizes that are multiples of 8 (and are
@@ -405,10 +408,8 @@ class GPT(nn.Module):
         return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **kwargs)], dim=1)
 
 
-try:  # oneDNN's linear kernel (the one torch.compile uses on CPUs), where this build of PyTorch has it
-    ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
-except (AttributeError, RuntimeError):
-    ONEDNN_LINEAR = None
+# oneDNN's linear kernel (the one torch.compile uses on CPUs), where this build of PyTorch has it
+ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -431,8 +432,7 @@ class OneDNNLinear(torch.autograd.Function):
 def padded_linear(x, weight, multiple):
     """F.linear(x, weight) computed with weight's rows padded to a multiple of `multiple`: the same values."""
     rows = weight.size(0)
-    padded = F.pad(weight, (0, 0, 0, -rows % multiple))
-    return F.linear(x, padded)[..., :rows]
+    return F.linear(x, F.pad(weight, (0, 0, 0, -rows % multiple)))[..., :rows]
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -114,6 +114,30 @@ def test_loss_is_the_mean_over_targets_that_are_not_minus_100_of_the_per_token_l
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_without_logits_the_output_layer_runs_on_the_targets_alone_for_the_same_loss_and_gradients(reduction):
+    # what train.py's step and the evaluations ask for: a fine-tuning batch's prompts and padding (no target) are
+    # often most of its tokens, and the 50,257-way output layer with its softmax most of a small model's step
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 97, (3, 8))
+    targets = torch.randint(0, 97, (3, 8))
+    targets[0, :5] = targets[2, 6:] = -100
+    weights = torch.rand(3, 8) if reduction == "none" else 1.0
+    logits, full = model(idx, targets, loss_reduction=reduction)
+    full_grads = torch.autograd.grad((full * weights).sum(), list(model.parameters()))
+    rows_seen = []
+    real_output_layer = model.output_layer
+    model.output_layer = lambda x: rows_seen.append(x.size(0)) or real_output_layer(x)
+    no_logits, loss = model(idx, targets, loss_reduction=reduction, return_logits=False)
+    grads = torch.autograd.grad((loss * weights).sum(), list(model.parameters()))
+    assert logits.shape == (3, 8, 97) and no_logits is None
+    assert rows_seen == [int((targets != -100).sum())] == [17]
+    torch.testing.assert_close(loss, full)
+    for grad, full_grad in zip(grads, full_grads):
+        torch.testing.assert_close(grad, full_grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_our_cross_entropy_has_pytorch_s_loss_and_gradient(reduction):
     torch.manual_seed(0)
     logits = (torch.randn(64, 500) * 3).requires_grad_()
