@@ -301,8 +301,7 @@ class GPT(nn.Module):
         over the targets that are not IGNORE_INDEX, or with loss_reduction="none" each position's (B, T), 0 where
         ignored; (None, loss) with return_logits=False. Without targets, (the last position's logits (B, 1, vocab),
         None): all generation needs, at 1/T of the cost. With a KVCache, idx continues the positions in it. positions
-        (B, T), for rows holding several examples (a packed batch), is each token's position in its example:
-        attention stays within each (PackedRows)."""
+        (B, T) of a packed batch: each token's position in its example, attention staying within each (PackedRows)."""
         B, T = idx.shape
         past = 0 if cache is None else cache.length
         if past + T > (context := self.config.block_size):
@@ -324,12 +323,13 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.output_layer(x[:, [-1], :]), None
-        # The output layer and its softmax over 50,257 tokens are most of a small model's step: without the logits
-        # they run only where there is a target (a fine-tuning batch's prompts and padding are often most of it).
+        # The output layer and its softmax are most of a small model's step: without the logits, on a CPU (a GPU would
+        # wait for the rows) and uncompiled (fixed shapes), they skip the rows with no target: prompts, padding.
         targets, rows = targets.reshape(B * T), None
-        if not return_logits and not torch.compiler.is_compiling():  # (a compiled graph keeps its shapes)
-            rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-            x, targets = x.reshape(B * T, -1)[rows], targets[rows]
+        if not return_logits and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+            if len(labelled) < B * T:
+                rows, x, targets = labelled, x.reshape(B * T, -1)[labelled], targets[labelled]
         logits = self.output_layer(x)  # under autocast in bf16/fp16; the loss takes their softmax in fp32
         loss = cross_entropy(logits.reshape(targets.numel(), -1), targets, loss_reduction)
         if loss_reduction == "none":  # 0 where there is no target
