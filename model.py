@@ -113,8 +113,7 @@ class PackedRows:
     def mask(self):
         if self._mask is None:
             example = (self.positions == 0).cumsum(dim=1)  # (B, T): which example of its row each token is in
-            T = example.size(1)
-            causal = torch.ones(T, T, dtype=torch.bool, device=example.device).tril()
+            causal = torch.ones(example.size(1), example.size(1), dtype=torch.bool, device=example.device).tril()
             self._mask = ((example[:, :, None] == example[:, None, :]) & causal)[:, None]
         return self._mask
 
@@ -176,33 +175,39 @@ class CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets):
-        labelled = targets != IGNORE_INDEX
-        safe_targets = targets.masked_fill(~labelled, 0)[:, None]
-        probs = softmax_float32(logits)
-        target_probs = probs.gather(1, safe_targets).squeeze(1).clamp_min(torch.finfo(probs.dtype).tiny)
-        ctx.save_for_backward(probs, safe_targets, labelled)
-        return -(target_probs.log() * labelled)
+        labelled, safe_targets = targets != IGNORE_INDEX, targets.clamp_min(0)  # (IGNORE_INDEX is negative)
+        probs, target_probs = softmax_float32(logits, safe_targets)
+        ctx.save_for_backward(probs, target_probs, safe_targets, labelled)
+        return -(target_probs.clamp_min(torch.finfo(torch.float32).tiny).log() * labelled)
 
     @staticmethod
     def backward(ctx, grad_nats):
-        probs, safe_targets, labelled = ctx.saved_tensors
-        # the softmax is not needed again: it becomes the gradient in place (so backward runs once per forward)
-        grad = probs.scatter_add_(1, safe_targets, -labelled[:, None].to(probs.dtype))
-        return grad.mul_((grad_nats * labelled)[:, None].to(grad.dtype)), None
+        probs, target_probs, safe_targets, labelled = ctx.saved_tensors
+        # the softmax becomes the gradient in place (so backward runs once per forward), in the logits' dtype (not
+        # float32, which autograd would cast in one more pass); at the targets p - 1 from the float32 p: a bf16 p
+        # near 1 would leave mostly rounding error. (A float32 factor would make a float32 copy of the whole.)
+        scale = grad_nats * labelled
+        grad = probs.mul_(scale[:, None].to(probs.dtype))
+        grad[torch.arange(len(grad), device=grad.device), safe_targets] = ((target_probs - 1) * scale).to(grad.dtype)
+        return grad, None
 
 
-def softmax_float32(logits):
-    """softmax(logits, dim=-1) in float32, (rows, vocab). Under autocast the logits are bf16/fp16, and a float32 copy
-    of all of them (13 GB at 64 x 1024 tokens) would sit next to the softmax: a block of rows at a time is converted
-    instead, into the softmax's memory (small blocks stay in a CPU's cache; large ones keep a GPU's launches few)."""
+def softmax_float32(logits, targets):
+    """(softmax(logits, dim=-1), its entries at targets (rows,) in float32), computed in float32. Under autocast the
+    logits are bf16/fp16 and a float32 copy of all of them (13 GB at 64 x 1024 tokens) would sit next to the softmax:
+    a block of rows at a time is converted instead (small blocks stay in a CPU's cache; large ones keep a GPU's
+    launches few). The softmax is kept in bf16 for bf16 logits (half the memory and traffic; the gradient is bf16
+    anyway), in float32 for fp16 ones (fp16 flushes the small probabilities that GradScaler's factor keeps)."""
     if logits.dtype == torch.float32:
-        return torch.softmax(logits, dim=-1)
-    probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-    block_elements = 2**20 if logits.device.type == "cpu" else 2**25
-    rows = max(1, block_elements // logits.size(-1))
-    for start in range(0, logits.size(0), rows):
-        torch.softmax(logits[start : start + rows].float(), dim=-1, out=probs[start : start + rows])
-    return probs
+        probs = torch.softmax(logits, dim=-1)
+        return probs, probs.gather(1, targets[:, None]).squeeze(1)
+    probs = torch.empty_like(logits, dtype=torch.float32 if logits.dtype == torch.float16 else logits.dtype)
+    target_probs = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
+    rows = max(1, (2**20 if logits.device.type == "cpu" else 2**25) // logits.size(-1))
+    for block in (slice(start, start + rows) for start in range(0, len(logits), rows)):
+        probs[block] = softmax = torch.softmax(logits[block].float(), dim=-1)
+        target_probs[block] = softmax.gather(1, targets[block, None]).squeeze(1)
+    return probs, target_probs
 
 
 def cross_entropy(logits, targets, reduction="mean"):
@@ -227,8 +232,7 @@ class KVCache:
         if self.keys[layer] is None:  # (B, n_head, block_size, head_size)
             self.keys[layer], self.values[layer] = (t.new_empty(*t.shape[:2], self.size, t.size(3)) for t in (k, v))
         end = self.length + k.size(2)
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
+        self.keys[layer][:, :, self.length : end], self.values[layer][:, :, self.length : end] = k, v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
@@ -256,8 +260,7 @@ class Block(nn.Module):
     def forward(self, x, cache=None, packed=None):
         # pre-LayerNorm: the residual stream itself is never normalised, which keeps deep stacks trainable
         x = x + self.attn(self.ln_1(x), cache, packed)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -285,11 +288,9 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "RESIDUAL_PROJECTION", False):
-                # each block adds two projections to the residual stream, whose variance so grows with depth:
-                # GPT-2 scales their initial weights by 1/sqrt(2 * n_layer) to keep it constant
-                std *= (2 * self.config.n_layer) ** -0.5
+            # each block adds two projections to the residual stream, whose variance so grows with depth: GPT-2
+            # scales their initial weights by 1/sqrt(2 * n_layer) to keep it constant
+            std = 0.02 * ((2 * self.config.n_layer) ** -0.5 if getattr(module, "RESIDUAL_PROJECTION", False) else 1)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -398,8 +399,7 @@ class GPT(nn.Module):
             yield next_token
             if finished.all():
                 return
-            window = torch.cat([window, next_token], dim=1)
-            new_tokens = next_token
+            window, new_tokens = torch.cat([window, next_token], dim=1), next_token
             if window.size(1) > self.config.block_size and not kept:
                 window = window[:, -(self.config.block_size // 2) :]
                 new_tokens, cache = window, KVCache(self.config) if use_cache else None
@@ -431,8 +431,7 @@ class OneDNNLinear(torch.autograd.Function):
 
 def padded_linear(x, weight, multiple):
     """F.linear(x, weight) computed with weight's rows padded to a multiple of `multiple`: the same values."""
-    rows = weight.size(0)
-    return F.linear(x, F.pad(weight, (0, 0, 0, -rows % multiple)))[..., :rows]
+    return F.linear(x, F.pad(weight, (0, 0, 0, -weight.size(0) % multiple)))[..., : weight.size(0)]
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
