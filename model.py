@@ -93,10 +93,20 @@ class CausalSelfAttention(nn.Module):
             else:  # several new queries after cached ones: query i sits at position past + i
                 positions = torch.arange(past + T, device=x.device)
                 mask, is_causal = positions <= positions[past:, None], False
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
-            y = y.transpose(1, 2)
+            y = attention(q, k, v, mask, dropout_p, is_causal).transpose(1, 2)
         y = y.contiguous().view(B, T, C)  # the heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+
+def attention(q, k, v, mask, dropout_p, is_causal):
+    """SDPA of (B, n_head, T, head_size) q, k, v; in float32 for bf16 ones on a CPU, uncached, up to 16,384 / head_size
+    positions (256 at head size 64): the CPU's bf16 flash kernel has a cost per block of queries that only longer
+    rows amortise, up to 2-4x the float32 kernel's time below that, forward and backward (README.md, Performance)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(2) == q.size(2) <= 16384 // q.size(3):
+        with torch.autocast("cpu", enabled=False):  # (autocast would run SDPA in bf16 again)
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, dropout_p, is_causal)
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal)
 
 
 class PackedRows:
@@ -126,8 +136,7 @@ class PackedRows:
         """(B, T, n_head, head_size) q, k, v -> the attention's output, in the same shape: SDPA's causal kernel on
         each example alone (and each row's padding tail), in a Python loop of ~1.5 ms a layer; a mask would cost all
         T x T scores of a row. Split at the starts and joined by cat: slicing would add a zero-filled gradient of the
-        whole batch per segment in backward. In float32 even under bf16 autocast: the CPU flash kernel's bf16
-        backward costs 4-7x its float32 one at these lengths (~150 tokens, head size 32: 2.8 vs 0.6 ms)."""
+        whole batch per segment in backward. In float32 even under bf16 autocast, as attention() for short rows."""
         B, T, H, D = q.shape
         if self._lengths is None:
             starts = self.positions == 0
@@ -136,9 +145,8 @@ class PackedRows:
             self._lengths = [end - start for start, end in zip(flat, flat[1:])]
         with torch.autocast("cpu", enabled=False):  # (autocast would run SDPA in bf16 again)
             segments = zip(*(t.reshape(B * T, H, D).float().split(self._lengths) for t in (q, k, v)))
-            y = torch.cat([F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in qkv), is_causal=True,
-                                                          dropout_p=dropout_p)[0].transpose(0, 1)
-                           for qkv in segments])
+            y = torch.cat([F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in qkv), None, dropout_p,
+                                                          is_causal=True)[0].transpose(0, 1) for qkv in segments])
         return y.to(q.dtype).view(B, T, H, D)
 
     def takes_varlen(self, q, dropout_p):
@@ -193,10 +201,9 @@ class CrossEntropy(torch.autograd.Function):
 
 
 def softmax_float32(logits, targets):
-    """(softmax(logits, dim=-1), its entries at targets (rows,) in float32), computed in float32. Under autocast the
-    logits are bf16/fp16 and a float32 copy of all of them (13 GB at 64 x 1024 tokens) would sit next to the softmax:
-    a block of rows at a time is converted instead (small blocks stay in a CPU's cache; large ones keep a GPU's
-    launches few). The softmax is kept in bf16 for bf16 logits (half the memory and traffic; the gradient is bf16
+    """(softmax(logits, dim=-1), its entries at targets (rows,) in float32), computed in float32 a block of rows at a
+    time (13 GB for a float32 copy of bf16 logits at 64 x 1024 tokens; small blocks stay in a CPU's cache, large ones
+    keep a GPU's launches few). Kept in bf16 for bf16 logits (half the memory and traffic; the gradient is bf16
     anyway), in float32 for fp16 ones (fp16 flushes the small probabilities that GradScaler's factor keeps)."""
     if logits.dtype == torch.float32:
         probs = torch.softmax(logits, dim=-1)
@@ -267,23 +274,20 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (as in GPT-2): the output layer scores each token by its similarity to the token's input
         # embedding. One Parameter, two uses: it saves vocab_size * n_embd parameters and both uses train it.
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
-        # Recompute each block's activations in backward instead of keeping them from forward: about a third more
-        # compute for a block's activations in memory at a time instead of all of them (train.py's
-        # --activation_checkpointing). A setting of the training run, not of the architecture.
+        # Recompute each block's activations in backward (train.py's --activation_checkpointing, a setting of the
+        # run): about a third more compute for one block's activations in memory at a time instead of all of them.
         self.activation_checkpointing = False
 
     def _init_weights(self, module):
@@ -352,20 +356,17 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding=False):
         """Parameters, each once (the tied head is the token embedding); non_embedding: without the embeddings."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
-        return n
+        embeddings = self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return sum(p.numel() for p in self.parameters()) - (embeddings if non_embedding else 0)
 
     def flops_per_token(self, seq_len):
         """Training FLOPs (forward + backward) per token: 6 per matmul weight, 4 per frozen one, the output layer
         included, plus attention's QK^T and AV, 12 * n_layer * n_embd * seq_len (PaLM, appendix B, without its causal
         halving, as nanoGPT and most MFU figures count it)."""
-        cfg = self.config
         weights = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
         # a frozen weight (LoRA's base) costs its forward and the gradient of its input, 4, and no weight gradient
         matmuls = sum((6 if w.requires_grad else 4) * w.numel() for w in weights)
-        return matmuls + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        return matmuls + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation: one generator, which sample.py, train.py's end-of-run sample and the tests all use.

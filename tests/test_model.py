@@ -73,6 +73,22 @@ def test_sdpa_attention_equals_plain_reference_attention():
     torch.testing.assert_close(attn(x), attn.c_proj(reference), rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_attention_on_a_cpu_is_float32_s_rounded_once_for_short_rows_and_close_to_it_for_long_ones():
+    # short rows take the float32 kernel (faster there than the CPU's bf16 one): the exact float32 attention of the
+    # bf16 inputs, rounded once, and its gradient in bf16; long rows keep the bf16 kernel, within bf16's rounding
+    torch.manual_seed(0)
+    for T, exact_match in ((64, True), (1024, False)):  # head size 32: up to 512 positions in float32
+        q, k, v = (torch.randn(1, 2, T, 32).bfloat16().requires_grad_() for _ in range(3))
+        y = model_module.attention(q, k, v, None, 0.0, True)
+        exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        assert y.dtype == torch.bfloat16
+        if exact_match:
+            assert torch.equal(y, exact.bfloat16())
+        torch.testing.assert_close(y.float(), exact, rtol=2**-7, atol=2**-7)
+        y.float().square().sum().backward()
+        assert q.grad.dtype == torch.bfloat16 and all(t.grad.isfinite().all() for t in (q, k, v))
+
+
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = GPT(tiny_config())
