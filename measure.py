@@ -131,7 +131,8 @@ def memory_estimate(cfg, tokens, shards, activation_checkpointing, accumulating=
     and layer, as the autograd graph keeps them under bf16 autocast: the block's input and LayerNorm inputs in fp32
     (4d + 4d), the bf16 inputs of the four matmuls (2d + 2d + 2d + 8d), q, k, v (6d), the MLP's pre-GELU (8d): 38d
     bytes, or in fp32 64d; with activation checkpointing only each block's fp32 input (4d) stays, and one block's
-    at a time is rebuilt. The loss holds the logits and their fp32 softmax at once: 6 bytes a logit (8 in fp32).
+    at a time is rebuilt. The loss holds the logits and their softmax at once: 6 bytes a logit in fp16 (the softmax
+    in fp32), counted for bf16 too, where it is 4 (the softmax kept in bf16: model.softmax_float32); 8 in fp32.
     Under autocast each weight also has a bf16 copy for the step (2 bytes a parameter); FSDP instead gathers two
     blocks and the root at a time. The parts never all peak at once: their sum is an upper bound (also under Muon,
     which keeps one moment of the blocks' matrices where AdamW keeps two).
