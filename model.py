@@ -101,7 +101,7 @@ class CausalSelfAttention(nn.Module):
 def attention(q, k, v, mask, dropout_p, is_causal):
     """SDPA of (B, n_head, T, head_size) q, k, v; in float32 for bf16 ones on a CPU, uncached, up to 16,384 / head_size
     positions (256 at head size 64): the CPU's bf16 flash kernel has a cost per block of queries that only longer
-    rows amortise, up to 2-4x the float32 kernel's time below that, forward and backward (README.md, Performance)."""
+    rows amortise, and below that takes longer than the float32 one, forward and backward (README.md, Performance)."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(2) == q.size(2) <= 16384 // q.size(3):
         with torch.autocast("cpu", enabled=False):  # (autocast would run SDPA in bf16 again)
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, dropout_p, is_causal)
