@@ -11,6 +11,7 @@ Benchmarks: training steps, decoding, and checkpoints.
     python bench.py --sample --model gpt2                   # decoding: KV cache, no cache, transformers' generate
     python bench.py --checkpoint --model gpt2               # saving and loading ckpt.pt, with and without its checksum
     python bench.py --chat --model gpt2                     # sample.py --chat's turns, with and without its kept cache
+    python bench.py --attention --batch_size 16 --seq_len 240   # attention's kernels in the run's dtype and in fp32
 
 Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from parallel.build_training and the
 loader from options.make_loader, as in train.py. After --warmup steps, times --steps of train.py's own step
@@ -32,6 +33,9 @@ cache is then filled again (--seq_len gives a random model a longer context).
 Checkpoints: the model with its --optimizer's state after one step, saved (checksum and fsync included) into a
 temporary directory, loaded back in full (no mmap) with and without verifying its checksum, and the checksum alone;
 each the faster of two runs, the loads from the page cache the save filled.
+Attention: causal SDPA's forward and backward on random (batch_size, n_head, seq_len, head_size) q, k, v of the
+run's dtype, its kernel in that dtype against the float32 one on the same inputs (cast there and back), alternated,
+each at its best of --steps (model.attention's choice on a CPU under bf16: see its rule).
 All print a table, then one JSON line with every figure. The options are train.py's that decide what a step
 computes (shape, batch, dtype, device, compile, data), defined once in options.py; the schedule and the optimizer's
 settings don't change its speed and are fixed here.
@@ -47,6 +51,7 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 import hf
 from checkpoint import CHECKPOINT, checksum, load_checkpoint, load_model, save_checkpoint
@@ -90,6 +95,8 @@ def build_parser():
     a("--init_from", help="--sample and --chat: these weights (as train.py's --init_from) instead of random ones")
     a("--prompt_tokens", type=positive_int, default=32, help="--sample: prompt length")
     a("--new_tokens", type=positive_int, default=128, help="--sample: tokens generated per run")
+    a("--attention", action="store_true", help="benchmark attention's forward and backward at the model's shape, "
+      "in the run's dtype and in fp32 (what model.attention chooses between), instead of training")
     a("--chat", action="store_true", help="benchmark sample.py --chat's turns, with its KV cache kept from turn to "
       "turn and with the whole conversation prefilled each turn, instead of training")
     a("--turns", type=positive_int, default=10, help="--chat: turns of the conversation")
@@ -242,6 +249,31 @@ def bench_decoding(args, rt, cfg):
     return results
 
 
+def bench_attention(args, rt, cfg):
+    """Causal attention's forward and backward at the run's shape: SDPA in the run's dtype against SDPA in float32
+    on the same inputs, as model.attention computes it for short rows on a CPU."""
+    torch.manual_seed(args.seed)
+    shape = (args.batch_size, cfg.n_head, args.seq_len, cfg.n_embd // cfg.n_head)
+    q, k, v = (torch.randn(shape, device=rt.device, dtype=rt.dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device=rt.device, dtype=rt.dtype)
+
+    def run(dtype):
+        y = F.scaled_dot_product_attention(*(t.to(dtype) for t in (q, k, v)), is_causal=True).to(rt.dtype)
+        y.backward(grad)
+
+    best = {rt.dtype: float("inf"), torch.float32: float("inf")}
+    for dtype in [*best] * 2:
+        run(dtype)  # warm-up
+    for _ in range(args.steps):  # alternated: a slow moment of a shared machine hits both
+        for dtype in best:
+            rt.synchronize()
+            t0 = time.perf_counter()
+            run(dtype)
+            rt.synchronize()
+            best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    return {"shape": list(shape), "dtype_ms": best[rt.dtype] * 1000, "float32_ms": best[torch.float32] * 1000}
+
+
 CHAT_SYSTEM, CHAT_MESSAGE = "You are a helpful assistant.", "Tell me something about the sea."
 
 
@@ -385,10 +417,12 @@ def main(argv=None):
         accum_steps = batch_geometry(args, cfg, int(os.environ.get("WORLD_SIZE", 1)))
         if args.sample and args.checkpoint:
             raise UserError("--sample and --checkpoint are two benchmarks: give one")
-        if args.chat and (args.sample or args.checkpoint):
-            raise UserError("--chat is a benchmark of its own: give it without --sample and --checkpoint")
+        if sum(map(bool, (args.sample, args.checkpoint, args.chat, args.attention))) > 1:
+            raise UserError("--sample, --checkpoint, --chat and --attention are four benchmarks: give one")
         rt = setup_runtime(args.device, args.dtype)
-        if args.chat:
+        if args.attention:
+            result = bench_attention(args, rt, cfg)
+        elif args.chat:
             result = bench_chat(args, rt, cfg)
         elif args.sample:
             result = bench_decoding(args, rt, cfg)
@@ -396,7 +430,7 @@ def main(argv=None):
             result = bench_checkpoint(args, rt, cfg)
         else:
             result = bench_training(args, rt, cfg, accum_steps)
-        mode = "chat" if args.chat else "sample" if args.sample else "checkpoint" if args.checkpoint else "train"
+        mode = next((m for m in ("attention", "chat", "sample", "checkpoint") if getattr(args, m)), "train")
         result = {"mode": mode, "model": args.init_from or args.model,
                   "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else rt.device,
                   "dtype": str(rt.dtype).removeprefix("torch."), "compile": args.compile,

@@ -66,6 +66,13 @@ def test_checkpoint_benchmark_times_saving_loading_and_the_checksum():
     assert result["checkpoint_gb"] > 3 * 4 * result["params"] / 1e9  # the weights and AdamW's two moments
 
 
+def test_attention_benchmark_times_the_kernel_in_the_run_s_dtype_and_in_float32_at_the_model_s_shape():
+    result = run_bench("--attention", "--dtype", "bfloat16", "--batch_size", "2", "--seq_len", "32", "--steps", "1")
+    assert result["mode"] == "attention" and result["dtype"] == "bfloat16"
+    assert result["shape"] == [2, 2, 32, 16]  # (batch, heads, positions, head size) of gpt2-nano
+    assert result["dtype_ms"] > 0 and result["float32_ms"] > 0
+
+
 @pytest.mark.slow
 def test_under_torchrun_fsdp_holds_half_of_ddp_s_weights_gradients_and_optimizer_state_per_rank(small_text):
     flags = ["bench.py", *NANO, "--dataset_path", small_text, "--seq_len", "32", "--batch_size", "2", "--steps", "1",
