@@ -415,8 +415,6 @@ def main(argv=None):
         cfg = model_config(args)
         check_lora(args, set(), cfg)
         accum_steps = batch_geometry(args, cfg, int(os.environ.get("WORLD_SIZE", 1)))
-        if args.sample and args.checkpoint:
-            raise UserError("--sample and --checkpoint are two benchmarks: give one")
         if sum(map(bool, (args.sample, args.checkpoint, args.chat, args.attention))) > 1:
             raise UserError("--sample, --checkpoint, --chat and --attention are four benchmarks: give one")
         rt = setup_runtime(args.device, args.dtype)
