@@ -17,10 +17,11 @@ Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from
 loader from options.make_loader, as in train.py. After --warmup steps, times --steps of train.py's own step
 (step.train_step): each micro-step's forward and backward (gradients synced on the last), then clipping and the
 optimizer's step. Reports tokens/s, ms/step (and its two parts: forward+backward, and the optimizer), MFU and peak
-memory. MFU is against measure.peak_flops: the data sheet's bf16/fp16 peak for known GPUs, otherwise a large matmul
-timed on the spot in the run's dtype. Peak memory is the most the tensors held during one more step
-(measure.peak_memory_bytes: CUDA's allocator on a GPU, the profiler on a CPU), model and optimizer included, per
-process under torchrun, with the weights, gradients and optimizer state alone, and measure.memory_estimate's figure.
+memory. MFU is measure.step_flops (the work the examples need: padding none) against measure.peak_flops: the data
+sheet's bf16/fp16 peak for known GPUs, otherwise a large matmul timed on the spot in the run's dtype. Peak memory
+is the most the tensors held during one more step (measure.peak_memory_bytes: CUDA's allocator on a GPU, the
+profiler on a CPU), model and optimizer included, per process under torchrun, with the weights, gradients and
+optimizer state alone, and measure.memory_estimate's figure.
 Decoding: greedy tokens/s of a batch of one from random weights of the model's shape (or --init_from), with and
 without the KV cache, and of transformers' generate on the same weights when transformers is installed; then
 whether the three decode the same tokens, in full fp32 (where a tie between two logits cannot flip).
@@ -63,7 +64,7 @@ import lora
 from options import add_batch_flags, add_data_flags, add_lora_flags, add_model_flags, add_step_flags, \
     batch_geometry, check_lora, given_flags, make_loader, model_config
 from parallel import build_training
-from measure import memory_estimate, peak_flops, peak_memory_bytes
+from measure import memory_estimate, peak_flops, peak_memory_bytes, step_flops
 from runtime import setup_runtime, shutdown
 from sample import Chat
 from step import train_step
@@ -157,10 +158,9 @@ def bench_training(args, rt, cfg, accum_steps):
         tokens += step_tokens
     loss.item()  # waits for the last step
     seconds = time.perf_counter() - t0
-    # padding: what no example fills (Alpaca and chat batches: see data.ExampleLoader.collate and .pack), this rank's
-    fed = tokens // world_size
-    padding = fed - sum(loader.tokens_in("train", number - 1, micro_step) for number in timed
-                        for micro_step in range(accum_steps))
+    # padding: what no example fills (Alpaca and chat batches: see data.ExampleLoader.collate and .pack), all ranks'
+    fed = sum(rt.gather(tokens // world_size))  # (packed rows differ a little from rank to rank)
+    padding = fed - sum(loader.tokens_in_step("train", number - 1) for number in timed)
     step_parts = {name: max(rt.gather(part)) / args.steps * 1000 for name, part in seconds_in.items()}  # ms a step
     # what lives from step to step: weights, optimizer state, and under DDP the gradients (in its buckets); this
     # rank's shards of them under FSDP
@@ -174,7 +174,8 @@ def bench_training(args, rt, cfg, accum_steps):
     state_memory = sum(map(local_bytes, params)) + gradient_bytes[-1] + sum(map(local_bytes, optimizer_state))
     seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
     peak = max(peak_before, peak_flops(rt, measure_again=True))
-    mfu = raw_model.flops_per_token(args.seq_len) * tokens_per_sec / (peak * world_size)
+    flops = sum(step_flops(raw_model, args.seq_len, loader, number - 1) for number in timed)  # all ranks'
+    mfu = flops / seconds / (peak * world_size)
     return {"params": raw_model.num_params(), "trained_params": sum(p.numel() for p in params if p.requires_grad),
             "batch_size": args.batch_size, "seq_len": args.seq_len,
             "accum_steps": accum_steps, "processes": world_size, "tokens_per_step": args.total_batch_size,

@@ -90,9 +90,9 @@ class Loader:
     def sample_prompt(self):  # what train.py's end-of-run sample continues, and whether greedily
         return get_tokenizer().encode_ordinary("\n"), False
 
-    def tokens_in(self, split, step, micro_step):
-        """The tokens of x in this rank's micro-batch that are data, not padding: all of them for windows of text."""
-        return self.batch_size * self.seq_len
+    def tokens_in_step(self, split, step):
+        """Tokens of data, not padding, in step's whole global batch (as targets_in_step): all for windows of text."""
+        return self.global_rows * self.seq_len
 
     def targets_in_step(self, split, step):
         """Labels (y != IGNORE_INDEX) in step's whole global batch, all micro-steps and ranks: a function of the
@@ -254,9 +254,8 @@ class ExampleLoader(Loader):
             positions[r, start:] = np.arange(width - start)
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(positions)
 
-    def tokens_in(self, split, step, micro_step):
-        ids = self.global_batch(split, step)[batch_rows(micro_step, self.rank, self.batch_size, self.world_size)]
-        return sum(len(self.examples[i]) - 1 for i in ids)
+    def tokens_in_step(self, split, step):
+        return sum(len(self.examples[i]) - 1 for i in self.global_batch(split, step))
 
     def targets_in_step(self, split, step):
         """Supervised tokens in step's whole global batch (see Loader.targets_in_step): dividing the summed loss by

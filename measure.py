@@ -3,7 +3,7 @@ What a run measures of its device: the peak FLOP/s that MFU is measured against 
 timed on the spot), the memory a step needs (estimated from the model's shape, and measured: the most a step's
 tensors hold), the tokens/s and MFU that train.py logs, and whether a text fits text mode's tokenizing in memory.
 
-    speed = Throughput(model.flops_per_token(seq_len), rt, step)    # then speed.count(tokens), speed.read(step)
+    speed = Throughput(rt, step)    # then each step speed.count(tokens, step_flops(...)); speed.read(step) to log
     need = sum(memory_estimate(config, tokens, shards, activation_checkpointing).values())   # before a run
     peak = peak_memory_bytes(lambda: step(), rt, resident=weights)   # bench.py, tests
 """
@@ -236,15 +236,25 @@ def native_stderr_silenced():
         os.close(saved)
 
 
+def step_flops(model, seq_len, loader, step):
+    """The model FLOPs (forward + backward) of training step `step` (0-based) of all ranks: MFU's numerator. Every
+    token of data through the blocks, and the output layer only at the targets, the only rows the loss needs (on a
+    CPU GPT.forward skips the others). Padding is no model work: an example costs the same packed or padded, so the
+    MFU of a faster layout is higher. Text: every token a target; then it is flops_per_token * tokens, as nanoGPT's."""
+    blocks = model.flops_per_token(seq_len, output_layer=False)
+    output_layer = model.flops_per_token(seq_len) - blocks
+    return blocks * loader.tokens_in_step("train", step) + output_layer * loader.targets_in_step("train", step)
+
+
 class Throughput:
-    """Tokens/s, time per step and MFU (model FLOPs utilisation: flops_per_token * tokens/s over the peak of all
+    """Tokens/s, time per step and MFU (model FLOPs utilisation: the steps' step_flops a second over the peak of all
     the ranks' devices) over the steps since the last reading, for train.py's log. The peak is measured at the first
     reading, when the device is warm (as bench.py does), or read from the cache (peak_flops), and the time that takes
     is not counted. A peak measured while something else used the machine (a shared CPU) is too low, and the steps
     once it is free would show an MFU over 100%: then it is measured again, once, the higher kept."""
 
-    def __init__(self, flops_per_token, rt, step):
-        self.flops_per_token, self.rt, self.peak, self.measured_again = flops_per_token, rt, None, False
+    def __init__(self, rt, step):
+        self.rt, self.peak, self.measured_again = rt, None, False
         self.seconds_per_step = 0.0  # over the steps of the last reading
         self.run_seconds, self.run_steps = 0.0, 0  # over every reading: the time left, which must not jump about
         self.restart(step)
@@ -254,17 +264,18 @@ class Throughput:
         return self.run_seconds / max(self.run_steps, 1)
 
     def restart(self, step):
-        self.time, self.step, self.tokens = time.perf_counter(), step, 0
+        self.time, self.step, self.tokens, self.flops = time.perf_counter(), step, 0, 0
 
-    def count(self, tokens):
-        self.tokens += tokens
+    def count(self, tokens, flops):
+        """A step's: the tokens fed (padding included) and its step_flops."""
+        self.tokens, self.flops = self.tokens + tokens, self.flops + flops
 
     def read(self, step):
         seconds = time.perf_counter() - self.time
         self.seconds_per_step = seconds / (step - self.step)
         self.run_seconds, self.run_steps = self.run_seconds + seconds, self.run_steps + step - self.step
         tokens_per_sec = self.tokens / seconds
-        flops = self.flops_per_token * tokens_per_sec / self.rt.world_size  # one device's
+        flops = self.flops / seconds / self.rt.world_size  # one device's a second
         if self.peak is None:
             self.peak = peak_flops(self.rt)
         elif flops > self.peak and not self.measured_again:

@@ -359,13 +359,13 @@ class GPT(nn.Module):
         embeddings = self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return sum(p.numel() for p in self.parameters()) - (embeddings if non_embedding else 0)
 
-    def flops_per_token(self, seq_len):
+    def flops_per_token(self, seq_len, output_layer=True):
         """Training FLOPs (forward + backward) per token: 6 per matmul weight, 4 per frozen one, the output layer
-        included, plus attention's QK^T and AV, 12 * n_layer * n_embd * seq_len (PaLM, appendix B, without its causal
-        halving, as nanoGPT and most MFU figures count it)."""
-        weights = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        included (output_layer=False: not, as for a token without a target), plus attention's QK^T and AV, 12 *
+        n_layer * n_embd * seq_len (PaLM, appendix B, without its causal halving, as nanoGPT and most MFU figures)."""
         # a frozen weight (LoRA's base) costs its forward and the gradient of its input, 4, and no weight gradient
-        matmuls = sum((6 if w.requires_grad else 4) * w.numel() for w in weights)
+        matmuls = sum((6 if m.weight.requires_grad else 4) * m.weight.numel() for m in self.modules()
+                      if isinstance(m, nn.Linear) and (output_layer or m is not self.lm_head))
         return matmuls + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
     # ------------------------------------------------------------------------------------------------------------

@@ -265,6 +265,23 @@ def test_targets_in_step_counts_the_supervised_tokens_of_the_whole_global_batch(
     assert text.targets_in_step("train", 0) == sum(supervised(text, "train", 0, m) for m in range(3))
 
 
+def test_tokens_in_step_counts_the_examples_tokens_of_the_whole_global_batch_padding_not(tmp_path, small_text):
+    recs = records(30)
+    for i, record in enumerate(recs):
+        record["output"] = " ".join([record["output"]] * (1 + i % 5))  # rows of many lengths: padding
+    path = write_json(tmp_path, recs)
+    padded = [AlpacaLoader(path, 128, 3, 2, rank=rank, world_size=2) for rank in range(2)]
+    packed = [AlpacaLoader(path, 128, 3, 2, rank=rank, world_size=2, packing=True) for rank in range(2)]
+    for step in range(3):
+        batches = [loader.get_batch("train", step, m)[1] for loader in padded for m in range(2)]
+        # a padded row is one example, which ends with its last label
+        counted = sum(max(j for j, label in enumerate(row) if label != -100) + 1 for y in batches for row in y.tolist())
+        assert counted < sum(y.numel() for y in batches)
+        assert {loader.tokens_in_step("train", step) for loader in padded + packed} == {counted}
+    text = TextLoader(small_text, seq_len=16, batch_size=2, accum_steps=3)
+    assert text.tokens_in_step("train", 0) == 2 * 3 * 16
+
+
 @pytest.mark.parametrize(
     "content, message",
     [('[{"instruction": "a", "output": "b"}]', "1 usable example .* at least 2 are needed"),

@@ -31,16 +31,16 @@ def test_peak_memory_counts_the_tensors_alive_at_the_worst_moment():
 def test_a_peak_measured_on_a_busy_machine_is_measured_again_rather_than_report_an_mfu_over_100(monkeypatch):
     peaks = iter([1e9, 4e9])  # busy at the first reading (another job on the CPU), free later
     monkeypatch.setattr(measure, "peak_flops", lambda rt, measure_again=False: next(peaks))
-    speed = measure.Throughput(flops_per_token=1e6, rt=Runtime("cpu", "cpu", torch.float32), step=0)
+    speed = measure.Throughput(rt=Runtime("cpu", "cpu", torch.float32), step=0)
     clock = iter([0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0])  # a second a step (the peak's measurements not counted)
     monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
     speed.restart(0)
-    speed.count(500)  # 500 tokens/s: 0.5e9 FLOP/s
+    speed.count(500, 0.5e9)  # 0.5e9 FLOP/s
     assert speed.read(1)["mfu"] == 0.5
-    speed.count(2000)  # 2e9 FLOP/s, twice the first peak: measured again
+    speed.count(2000, 2e9)  # 2e9 FLOP/s, twice the first peak: measured again
     assert speed.read(2)["mfu"] == 0.5 and speed.peak == 4e9
     # once only: where a step beats the matmul's peak, measuring it at every log (a second each) would not help
-    speed.count(8000)
+    speed.count(8000, 8e9)
     assert speed.read(3)["mfu"] == 2.0
 
 

@@ -1,6 +1,7 @@
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import model as model_module
 from conftest import REPO
 from model import GPT, PRESETS, GPTConfig, KVCache, cross_entropy, filter_logits
-from measure import peak_memory_bytes
+from measure import peak_memory_bytes, step_flops
 from runtime import Runtime
 
 
@@ -188,6 +189,22 @@ def test_flops_per_token_counts_the_training_step_matmuls(monkeypatch):
         _, loss = model(idx, idx)
         loss.backward()
     assert counter.get_total_flops() == pytest.approx(model.flops_per_token(32) * idx.numel(), rel=1e-9)
+
+
+def test_mfu_counts_the_output_layer_only_at_the_targets_as_a_cpu_step_computes_it(monkeypatch):
+    # fine-tuning: the prompts have no targets, and on a CPU the output layer skips their rows; counting it on every
+    # token (as flops_per_token * tokens) made the MFU of Alpaca runs over 100% in fp32
+    monkeypatch.setattr(model_module, "ONEDNN_LINEAR", None)
+    model = GPT(tiny_config(n_layer=3, n_embd=64, n_head=4, block_size=32))
+    idx = torch.randint(0, 97, (2, 32))
+    targets = idx.clone()
+    targets[0, :20], targets[1, :9] = -100, -100  # prompts
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(idx, targets, return_logits=False)[1].backward()
+    loader = SimpleNamespace(tokens_in_step=lambda split, step: idx.numel(),
+                             targets_in_step=lambda split, step: int((targets != -100).sum()))
+    assert counter.get_total_flops() == pytest.approx(step_flops(model, 32, loader, 0), rel=1e-9)
+    assert step_flops(model, 32, loader, 0) < model.flops_per_token(32) * idx.numel()
 
 
 @pytest.mark.parametrize("bad", [dict(n_embd=30, n_head=4), dict(n_layer=0), dict(dropout=1.0)])
