@@ -12,6 +12,7 @@ Benchmarks: training steps, decoding, and checkpoints.
     python bench.py --checkpoint --model gpt2               # saving and loading ckpt.pt, with and without its checksum
     python bench.py --chat --model gpt2                     # sample.py --chat's turns, with and without its kept cache
     python bench.py --attention --batch_size 16 --seq_len 240   # attention's kernels in the run's dtype and in fp32
+    python bench.py --model gpt2 --profile 20               # training steps, and the 20 operators that take longest
 
 Training: the model, optimizer, GradScaler and wrappers (compile, DDP) come from parallel.build_training and the
 loader from options.make_loader, as in train.py. After --warmup steps, times --steps of train.py's own step
@@ -98,6 +99,8 @@ def build_parser():
     a("--new_tokens", type=positive_int, default=128, help="--sample: tokens generated per run")
     a("--attention", action="store_true", help="benchmark attention's forward and backward at the model's shape, "
       "in the run's dtype and in fp32 (what model.attention chooses between), instead of training")
+    a("--profile", type=positive_int, metavar="N", help="training: also print where the timed steps' time goes, the "
+      "N operators with the most self time in torch.profiler (which slows the steps a little)")
     a("--chat", action="store_true", help="benchmark sample.py --chat's turns, with its KV cache kept from turn to "
       "turn and with the whole conversation prefilled each turn, instead of training")
     a("--turns", type=positive_int, default=10, help="--chat: turns of the conversation")
@@ -152,12 +155,17 @@ def bench_training(args, rt, cfg, accum_steps):
     rt.synchronize()
     seconds_in.update(forward_backward=0.0, optimizer=0.0)
     timed = range(args.warmup + 1, args.warmup + args.steps + 1)
-    t0, tokens = time.perf_counter(), 0
-    for number in timed:
-        loss, step_tokens = step(number)
-        tokens += step_tokens
-    loss.item()  # waits for the last step
-    seconds = time.perf_counter() - t0
+    profiler = torch.profiler.profile() if args.profile else contextlib.nullcontext()
+    with profiler:
+        t0, tokens = time.perf_counter(), 0
+        for number in timed:
+            loss, step_tokens = step(number)
+            tokens += step_tokens
+        loss.item()  # waits for the last step
+        seconds = time.perf_counter() - t0
+    if args.profile and rt.master:
+        sort_by = "self_device_time_total" if rt.device_type == "cuda" else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=sort_by, row_limit=args.profile, max_name_column_width=60))
     # padding: what no example fills (Alpaca and chat batches: see data.ExampleLoader.collate and .pack), all ranks'
     fed = sum(rt.gather(tokens // world_size))  # (packed rows differ a little from rank to rank)
     padding = fed - sum(loader.tokens_in_step("train", number - 1) for number in timed)
@@ -418,6 +426,9 @@ def main(argv=None):
         accum_steps = batch_geometry(args, cfg, int(os.environ.get("WORLD_SIZE", 1)))
         if sum(map(bool, (args.sample, args.checkpoint, args.chat, args.attention))) > 1:
             raise UserError("--sample, --checkpoint, --chat and --attention are four benchmarks: give one")
+        if args.profile and (args.sample or args.checkpoint or args.chat or args.attention):
+            raise UserError("--profile profiles training steps: leave out --sample, --checkpoint, --chat and "
+                            "--attention")
         rt = setup_runtime(args.device, args.dtype)
         if args.attention:
             result = bench_attention(args, rt, cfg)

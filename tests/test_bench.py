@@ -51,6 +51,26 @@ def test_the_training_benchmark_times_the_trainer_s_own_step(small_text, monkeyp
     assert result["padding_share"] == 0  # windows of text are full
 
 
+def test_profile_prints_the_operators_that_take_the_timed_steps_longest(small_text):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bench.main([*NANO, "--dataset_path", small_text, "--seq_len", "32", "--batch_size", "2", "--steps", "2",
+                    "--warmup", "1", "--profile", "5"])
+    lines = out.getvalue().strip().splitlines()
+    rules = [i for i, line in enumerate(lines) if set(line) <= {"-", " "} and line]  # the table's horizontal rules
+    rows = lines[rules[1] + 1 : rules[2]]
+    assert len(rows) == 5 and any("aten::" in row for row in rows)  # the step's operators, the longest first
+    assert json.loads(lines[-1])["mode"] == "train"  # the figures still end with their JSON line
+
+
+@pytest.mark.parametrize("flags", [["--sample", "--profile", "3"], ["--attention", "--chat"]])
+def test_two_benchmarks_at_once_are_refused_in_one_line(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*NANO, *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+
+
 def test_decoding_benchmark_checks_the_cache_against_no_cache_and_transformers():
     pytest.importorskip("transformers")
     result = run_bench("--sample", "--prompt_tokens", "8", "--new_tokens", "8")
