@@ -93,11 +93,12 @@ def done_lines(args, last, seconds):
     """What a finished run made, and what to run next."""
     minutes, seconds = divmod(round(seconds), 60)
     val = f", val loss {last['val_loss']:.4f} ({last['val_bpb']:.3f} bits per byte)" if "val_loss" in last else ""
-    out = args.out_dir
+    out, template = args.out_dir, {"alpaca": ' --instruction "..."', "chat": " --chat"}.get(args.dataset_type, "")
     return (f"done in {minutes}m{seconds:02d}s: {os.path.join(out, CHECKPOINT)} at step {last['step']}{val}, every "
-            f"record in {os.path.join(out, METRICS)}\nnext: python sample.py --init_from {out} | python eval.py "
-            f"--init_from {out} | python export.py --init_from {out} --out_dir {os.path.join(out, 'hf')} | python "
-            f"plot.py {out} | more steps: python train.py --resume --out_dir {out} --max_steps {2 * last['step']}")
+            f"record in {os.path.join(out, METRICS)}\nnext: python sample.py --init_from {out}{template} | python "
+            f"eval.py --init_from {out} | python export.py --init_from {out} --out_dir {os.path.join(out, 'hf')} | "
+            f"python plot.py {out} | more steps: python train.py --resume --out_dir {out} --max_steps "
+            f"{2 * last['step']}")
 
 
 @dataclasses.dataclass

@@ -4,9 +4,11 @@ and versions), the out_dir kept for one run, and what setup refuses in one line 
 resolution is tests/test_options.py's; the step itself tests/test_step.py's.
 """
 
+import argparse
 import ast
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 import prepare
+import sample
 import train
 from conftest import REPO, TINY, losses, read_metrics, run_script, run_train
 from model import GPT, GPTConfig
@@ -253,3 +256,13 @@ def test_the_default_run_trains_on_input_txt_and_val_loss_falls(tmp_path):
     assert len(val) >= 2 and val[-1] < val[0] - 0.5 and val == sorted(val, reverse=True)
     assert (tmp_path / "out" / "ckpt.pt").exists() and "-" * 80 in result.stdout
 
+
+
+@pytest.mark.parametrize("dataset_type, flag", [("text", None), ("alpaca", "instruction"), ("chat", "chat")])
+def test_the_next_steps_a_finished_run_prints_sample_it_in_the_template_it_was_trained_on(dataset_type, flag):
+    args = argparse.Namespace(out_dir="out-x", dataset_type=dataset_type)
+    lines = train.done_lines(args, {"step": 20, "val_loss": 2.0, "val_bpb": 1.0}, 65.0)
+    command = lines.splitlines()[1].removeprefix("next: ").split(" | ")[0]
+    assert command.startswith("python sample.py --init_from out-x")
+    parsed = sample.build_parser().parse_args(shlex.split(command)[2:])  # a command sample.py takes
+    assert parsed.chat == (flag == "chat") and (parsed.instruction is not None) == (flag == "instruction")
