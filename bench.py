@@ -72,8 +72,8 @@ from step import train_step
 
 
 def build_parser():
-    p = OneLineParser(description="Benchmark training steps (default), decoding (--sample), chat turns (--chat) or "
-                      "checkpoints (--checkpoint).", formatter_class=HelpFormatter)
+    p = OneLineParser(description="Benchmark training steps (default), decoding (--sample), chat turns (--chat), "
+                      "checkpoints (--checkpoint) or attention's kernels (--attention).", formatter_class=HelpFormatter)
     # train.py's flags that decide what a step computes, defined once in options.py
     add_model_flags(p)
     add_lora_flags(p)
