@@ -180,7 +180,7 @@ def bench_training(args, rt, cfg, accum_steps):
         sum(local_bytes(p.grad) for p in params if p.grad is not None)))
     peak_memory = peak_memory_bytes(lambda: step(timed[-1] + 1), rt, resident)  # one more step, untimed
     state_memory = sum(map(local_bytes, params)) + gradient_bytes[-1] + sum(map(local_bytes, optimizer_state))
-    seconds_per_step, tokens_per_sec = seconds / args.steps, tokens / seconds
+    seconds_per_step, tokens_per_sec = seconds / args.steps, fed / seconds
     peak = max(peak_before, peak_flops(rt, measure_again=True))
     flops = sum(step_flops(raw_model, args.seq_len, loader, number - 1) for number in timed)  # all ranks'
     mfu = flops / seconds / (peak * world_size)

@@ -196,7 +196,8 @@ class ExampleLoader(Loader):
         if n == 1:
             raise DataError(f"{path} has 1 usable example ({self.n_dropped} dropped as longer than --seq_len): "
                             f"at least 2 are needed, one to train on and one to validate on")
-        # supervised tokens per example: y covers tokens 1.., and token 0 is never a target
+        # tokens fed (x: all but the last) and supervised tokens (y covers tokens 1..; token 0 is never a target)
+        self.n_tokens = np.array([len(example) - 1 for example in self.examples])
         self.n_targets = np.array([labelled[1:].sum() for labelled in self.labelled])
         order = np.random.default_rng(ALPACA_SPLIT_SEED).permutation(n)
         n_val = max(1, int(n * ALPACA_VAL_FRACTION))
@@ -255,7 +256,7 @@ class ExampleLoader(Loader):
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(positions)
 
     def tokens_in_step(self, split, step):
-        return sum(len(self.examples[i]) - 1 for i in self.global_batch(split, step))
+        return int(self.n_tokens[self.global_batch(split, step)].sum())
 
     def targets_in_step(self, split, step):
         """Supervised tokens in step's whole global batch (see Loader.targets_in_step): dividing the summed loss by

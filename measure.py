@@ -240,7 +240,9 @@ def step_flops(model, seq_len, loader, step):
     """The model FLOPs (forward + backward) of training step `step` (0-based) of all ranks: MFU's numerator. Every
     token of data through the blocks, and the output layer only at the targets, the only rows the loss needs (on a
     CPU GPT.forward skips the others). Padding is no model work: an example costs the same packed or padded, so the
-    MFU of a faster layout is higher. Text: every token a target; then it is flops_per_token * tokens, as nanoGPT's."""
+    MFU of a faster layout is higher. Text: every token a target; then it is flops_per_token * tokens, as nanoGPT's.
+    Attention is counted at seq_len positions for every token (flops_per_token's convention): for examples shorter
+    than seq_len, more than they attend to."""
     blocks = model.flops_per_token(seq_len, output_layer=False)
     output_layer = model.flops_per_token(seq_len) - blocks
     return blocks * loader.tokens_in_step("train", step) + output_layer * loader.targets_in_step("train", step)

@@ -301,14 +301,14 @@ def main(argv=None):
 
 def warn_of_an_untrained_template(args):
     """--chat or --instruction on weights that were not fine-tuned on that template run, but answer with whatever
-    the text goes on with; a fine-tuned model given neither them nor a --prompt continues a newline, outside the
+    the text goes on with; a model trained on them given neither them nor a --prompt continues a newline, outside the
     template it learned, and often ends at once with nothing printed: a note says why, and what to give it."""
     flag = "chat" if args.chat else "instruction" if args.instruction is not None else None
     if flag is None:
         trained = trained_on(args.init_from) if args.prompt is None else None
         if trained in ("alpaca", "chat"):
             how = '--instruction "..."' if trained == "alpaca" else "--chat"
-            print(f"note: {args.init_from} was fine-tuned on --dataset_type {trained} data: without its template it "
+            print(f"note: {args.init_from} was trained on --dataset_type {trained} data: without its template it "
                   f"continues a newline, which it may end at once; sample it with {how}", file=sys.stderr)
         return
     dataset_type, what = TEMPLATES[flag]

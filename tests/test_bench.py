@@ -63,12 +63,14 @@ def test_profile_prints_the_operators_that_take_the_timed_steps_longest(small_te
     assert json.loads(lines[-1])["mode"] == "train"  # the figures still end with their JSON line
 
 
-@pytest.mark.parametrize("flags", [["--sample", "--profile", "3"], ["--attention", "--chat"]])
-def test_two_benchmarks_at_once_are_refused_in_one_line(flags, capsys):
+@pytest.mark.parametrize("flags, why", [
+    (["--attention", "--chat"], "four benchmarks: give one"),
+    (["--sample", "--profile", "3"], "--profile profiles training steps: leave out --sample")])
+def test_flags_of_two_benchmarks_at_once_are_refused_in_one_line(flags, why, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main([*NANO, *flags])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and why in err, err
 
 
 def test_decoding_benchmark_checks_the_cache_against_no_cache_and_transformers():
@@ -91,6 +93,25 @@ def test_attention_benchmark_times_the_kernel_in_the_run_s_dtype_and_in_float32_
     assert result["mode"] == "attention" and result["dtype"] == "bfloat16"
     assert result["shape"] == [2, 2, 32, 16]  # (batch, heads, positions, head size) of gpt2-nano
     assert result["dtype_ms"] > 0 and result["float32_ms"] > 0
+
+
+@pytest.mark.slow
+def test_under_torchrun_padding_and_tokens_are_the_whole_job_s():
+    # the same global batch of Alpaca examples, 8 a step: one process, and two ranks of 4 (each packs its own rows)
+    flags = ["--dataset_type", "alpaca", "--dataset_path", os.path.join(REPO, "alpaca_sample.json"), "--seq_len", "128",
+             "--steps", "2", "--warmup", "1"]
+    alone = run_bench(*flags, "--batch_size", "8")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run([*torchrun, "bench.py", *NANO, *flags, "--batch_size", "4"], cwd=REPO, capture_output=True,
+                            text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout.strip().splitlines()[-1])
+
+    def data_tokens_per_step(figures):  # what no padding fills: the examples' tokens, all ranks'
+        return (1 - figures["padding_share"]) * figures["tokens_per_sec"] * figures["ms_per_step"] / 1000
+
+    assert 0 < job["padding_share"] < 1 and 0 < job["mfu"] < 1
+    assert data_tokens_per_step(job) == pytest.approx(data_tokens_per_step(alone), rel=1e-3)
 
 
 @pytest.mark.slow

@@ -338,7 +338,7 @@ def test_a_template_on_weights_not_fine_tuned_on_it_gets_a_note(tmp_path, capsys
 
 @pytest.mark.parametrize("dataset_type, flags, hint", [("alpaca", [], '--instruction "..."'), ("chat", [], "--chat"),
                                                      ("text", [], None), ("alpaca", ["--prompt", "Hi"], None)])
-def test_a_fine_tuned_model_sampled_without_its_template_or_a_prompt_gets_a_note_saying_what_to_give_it(
+def test_a_model_trained_on_a_template_sampled_without_it_or_a_prompt_gets_a_note_saying_what_to_give_it(
         tmp_path, capsys, dataset_type, flags, hint):
     model = chat_model(block_size=64, eot_bias=12)  # ends its text at once, as a fine-tuned model given "\n" may
     save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()),
@@ -348,7 +348,8 @@ def test_a_fine_tuned_model_sampled_without_its_template_or_a_prompt_gets_a_note
     if hint is None:
         assert "note:" not in err, err
     else:
-        assert f"fine-tuned on --dataset_type {dataset_type} data" in err and f"sample it with {hint}" in err, err
+        assert f"trained on --dataset_type {dataset_type} data: without its template" in err, err
+        assert f"sample it with {hint}" in err, err
 
 
 def test_endoftext_typed_by_the_user_or_in_system_is_fed_as_text_not_the_control_token():

@@ -257,7 +257,6 @@ def test_the_default_run_trains_on_input_txt_and_val_loss_falls(tmp_path):
     assert (tmp_path / "out" / "ckpt.pt").exists() and "-" * 80 in result.stdout
 
 
-
 @pytest.mark.parametrize("dataset_type, flag", [("text", None), ("alpaca", "instruction"), ("chat", "chat")])
 def test_the_next_steps_a_finished_run_prints_sample_it_in_the_template_it_was_trained_on(dataset_type, flag):
     args = argparse.Namespace(out_dir="out-x", dataset_type=dataset_type)
