@@ -65,7 +65,7 @@ import lora
 from options import add_batch_flags, add_data_flags, add_lora_flags, add_model_flags, add_step_flags, \
     batch_geometry, check_lora, given_flags, make_loader, model_config
 from parallel import build_training
-from measure import memory_estimate, peak_flops, peak_memory_bytes, step_flops
+from measure import memory_estimate, peak_flops, peak_memory_bytes, step_flops, token_flops
 from runtime import setup_runtime, shutdown
 from sample import Chat
 from step import train_step
@@ -182,7 +182,8 @@ def bench_training(args, rt, cfg, accum_steps):
     state_memory = sum(map(local_bytes, params)) + gradient_bytes[-1] + sum(map(local_bytes, optimizer_state))
     seconds_per_step, tokens_per_sec = seconds / args.steps, fed / seconds
     peak = max(peak_before, peak_flops(rt, measure_again=True))
-    flops = sum(step_flops(raw_model, args.seq_len, loader, number - 1) for number in timed)  # all ranks'
+    per_token = token_flops(raw_model, args.seq_len)
+    flops = sum(step_flops(per_token, loader, number - 1) for number in timed)  # all ranks'
     mfu = flops / seconds / (peak * world_size)
     return {"params": raw_model.num_params(), "trained_params": sum(p.numel() for p in params if p.requires_grad),
             "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -424,9 +425,10 @@ def main(argv=None):
         cfg = model_config(args)
         check_lora(args, set(), cfg)
         accum_steps = batch_geometry(args, cfg, int(os.environ.get("WORLD_SIZE", 1)))
-        if sum(map(bool, (args.sample, args.checkpoint, args.chat, args.attention))) > 1:
+        modes = [m for m in ("attention", "chat", "sample", "checkpoint") if getattr(args, m)]  # (none: training)
+        if len(modes) > 1:
             raise UserError("--sample, --checkpoint, --chat and --attention are four benchmarks: give one")
-        if args.profile and (args.sample or args.checkpoint or args.chat or args.attention):
+        if args.profile and modes:
             raise UserError("--profile profiles training steps: leave out --sample, --checkpoint, --chat and "
                             "--attention")
         rt = setup_runtime(args.device, args.dtype)
@@ -440,8 +442,7 @@ def main(argv=None):
             result = bench_checkpoint(args, rt, cfg)
         else:
             result = bench_training(args, rt, cfg, accum_steps)
-        mode = next((m for m in ("attention", "chat", "sample", "checkpoint") if getattr(args, m)), "train")
-        result = {"mode": mode, "model": args.init_from or args.model,
+        result = {"mode": modes[0] if modes else "train", "model": args.init_from or args.model,
                   "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else rt.device,
                   "dtype": str(rt.dtype).removeprefix("torch."), "compile": args.compile,
                   "reduce_dtype": args.reduce_dtype, "optimizer": args.optimizer, **result}

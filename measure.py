@@ -3,7 +3,7 @@ What a run measures of its device: the peak FLOP/s that MFU is measured against 
 timed on the spot), the memory a step needs (estimated from the model's shape, and measured: the most a step's
 tensors hold), the tokens/s and MFU that train.py logs, and whether a text fits text mode's tokenizing in memory.
 
-    speed = Throughput(rt, step)    # then each step speed.count(tokens, step_flops(...)); speed.read(step) to log
+    speed = Throughput(rt, step)    # each step speed.count(tokens, step_flops(per_token, loader, step)); read to log
     need = sum(memory_estimate(config, tokens, shards, activation_checkpointing).values())   # before a run
     peak = peak_memory_bytes(lambda: step(), rt, resident=weights)   # bench.py, tests
 """
@@ -236,15 +236,21 @@ def native_stderr_silenced():
         os.close(saved)
 
 
-def step_flops(model, seq_len, loader, step):
+def token_flops(model, seq_len):
+    """(a token's training FLOPs through the blocks, a target's through the output layer besides): the per-token
+    figures step_flops multiplies, taken from the model's modules once per run, not once per step."""
+    blocks = model.flops_per_token(seq_len, output_layer=False)
+    return blocks, model.flops_per_token(seq_len) - blocks
+
+
+def step_flops(per_token, loader, step):
     """The model FLOPs (forward + backward) of training step `step` (0-based) of all ranks: MFU's numerator. Every
     token of data through the blocks, and the output layer only at the targets, the only rows the loss needs (on a
     CPU GPT.forward skips the others). Padding is no model work: an example costs the same packed or padded, so the
     MFU of a faster layout is higher. Text: every token a target; then it is flops_per_token * tokens, as nanoGPT's.
     Attention is counted at seq_len positions for every token (flops_per_token's convention): for examples shorter
-    than seq_len, more than they attend to."""
-    blocks = model.flops_per_token(seq_len, output_layer=False)
-    output_layer = model.flops_per_token(seq_len) - blocks
+    than seq_len, more than they attend to. per_token: token_flops(model, seq_len)."""
+    blocks, output_layer = per_token
     return blocks * loader.tokens_in_step("train", step) + output_layer * loader.targets_in_step("train", step)
 
 

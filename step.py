@@ -45,7 +45,8 @@ def train_step(model, optimizer, scaler, loader, step, accum_steps, rt, *, lr, s
         x, y, positions = rt.to_device(loader.get_batch("train", step - 1, micro_step))
         require_grad_sync(model, micro_step == accum_steps - 1)  # DDP: all-reduce on the last micro-step only
         with rt.autocast():
-            loss = model(x, y, positions=positions, return_logits=False)[1]  # (logits unkept)
+            # no logits returned: they would outlive the step, and without them a CPU skips the rows with no target
+            loss = model(x, y, positions=positions, return_logits=False)[1]
         loss = loss * ((y != IGNORE_INDEX).sum() * rt.world_size / labels_in_step)
         loss_sum += loss.detach()
         scaler.scale(loss).backward()

@@ -31,7 +31,7 @@ from data import Loader
 from files import DataError
 from tokenizer import EOT_TOKEN, get_tokenizer
 from evaluation import evaluate, hellaswag_accuracy, load_hellaswag
-from measure import Throughput, device_memory_bytes, memory_estimate, step_flops
+from measure import Throughput, device_memory_bytes, memory_estimate, step_flops, token_flops
 from model import GPT
 from optim import local_tensor
 from options import make_loader, resolve
@@ -203,7 +203,7 @@ def check_memory(cfg, args, rt, accum_steps):
 def train(run):
     """The loop: a step, then what the step is due for: stopping on a signal, logging, evaluation, a checkpoint."""
     args, rt = run.args, run.rt
-    speed = Throughput(rt, run.start_step)
+    speed, per_token = Throughput(rt, run.start_step), token_flops(run.raw_model, args.seq_len)
     # updates skipped (their gradient not finite) in a row, and since the last log: on the device, read when logging
     in_a_row = since_log = torch.zeros((), device=rt.device)
     saved_step = run.start_step if args.resume else None  # the step ckpt.pt holds
@@ -214,7 +214,7 @@ def train(run):
             loss_sum, grad_norm, tokens, skipped = train_step(run.model, run.optimizer, run.scaler, run.loader, step,
                                                               run.accum_steps, rt, lr=lr, seed=args.seed,
                                                               grad_clip=args.grad_clip)
-            speed.count(tokens, step_flops(run.raw_model, args.seq_len, run.loader, step - 1))
+            speed.count(tokens, step_flops(per_token, run.loader, step - 1))
             in_a_row, since_log = (in_a_row + skipped) * skipped, since_log + skipped
 
             # ---- what this step is due for; a signal may reach the ranks at different steps: they stop together.

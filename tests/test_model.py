@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import model as model_module
 from conftest import REPO
 from model import GPT, PRESETS, GPTConfig, KVCache, cross_entropy, filter_logits
-from measure import peak_memory_bytes, step_flops
+from measure import peak_memory_bytes, step_flops, token_flops
 from runtime import Runtime
 
 
@@ -203,8 +203,9 @@ def test_mfu_counts_the_output_layer_only_at_the_targets_as_a_cpu_step_computes_
         model(idx, targets, return_logits=False)[1].backward()
     loader = SimpleNamespace(tokens_in_step=lambda split, step: idx.numel(),
                              targets_in_step=lambda split, step: int((targets != -100).sum()))
-    assert counter.get_total_flops() == pytest.approx(step_flops(model, 32, loader, 0), rel=1e-9)
-    assert step_flops(model, 32, loader, 0) < model.flops_per_token(32) * idx.numel()
+    flops = step_flops(token_flops(model, 32), loader, 0)
+    assert counter.get_total_flops() == pytest.approx(flops, rel=1e-9)
+    assert flops < model.flops_per_token(32) * idx.numel()
 
 
 @pytest.mark.parametrize("bad", [dict(n_embd=30, n_head=4), dict(n_layer=0), dict(dropout=1.0)])
