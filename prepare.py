@@ -27,7 +27,6 @@ import importlib
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import re
 import signal
@@ -36,6 +35,8 @@ import sys
 import time
 import urllib.parse
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -240,7 +241,9 @@ def encode(task):
 def encoded(stream, workers):
     """encode() of the pieces, a task of about TASK_CHARS characters at a time, by `workers` processes, in order.
     Not Pool.imap: its feeder thread reads the input as fast as it can, so memory would grow with the corpus; here at
-    most two tasks per worker are in flight."""
+    most two tasks per worker are in flight. Not Pool either: a worker killed (by the OOM killer, say) leaves its
+    result waited for forever, where ProcessPoolExecutor raises BrokenProcessPool; and its shutdown on an error is
+    an orderly one (queued tasks dropped, running ones finished), not Pool.terminate's race with its own threads."""
     def tasks():
         task, chars = [], 0
         for piece in stream:
@@ -255,16 +258,22 @@ def encoded(stream, workers):
     if workers == 1:
         yield from map(encode, tasks())
         return
-    get_tokenizer()  # built once here: workers forked from this process inherit it
+    get_tokenizer()  # built once here: workers forked from this process (Linux) inherit it
     # Ctrl-C goes to the whole process group: the workers leave it to this process, which stops them
-    with multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+    pool = ProcessPoolExecutor(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    try:
         in_flight = deque()
         for task in tasks():
-            in_flight.append(pool.apply_async(encode, (task,)))
+            in_flight.append(pool.submit(encode, task))
             if len(in_flight) >= 2 * workers:
-                yield in_flight.popleft().get()
+                yield in_flight.popleft().result()
         while in_flight:
-            yield in_flight.popleft().get()
+            yield in_flight.popleft().result()
+    except BrokenProcessPool:
+        raise DataError(f"a tokenizing worker died (out of memory?): rerun with fewer than --workers {workers}; the "
+                        f"same command keeps the complete shards") from None
+    finally:  # also when the caller stops early (an error writing a shard, Ctrl-C): it closes this generator
+        pool.shutdown(cancel_futures=True)
 
 
 def write_error(path, e):
@@ -541,8 +550,9 @@ def write_shards(args, config, shards, stream):
         print(f"\r{n_docs:,} documents, {n_tokens:,} tokens, {n_tokens / max(shown - t0, 1e-6):,.0f} tokens/s",
               end="", file=sys.stderr, flush=True)
 
+    tokenized = encoded(itertools.islice(stream, n_pieces, None), args.workers)
     try:
-        for tokens, lengths in encoded(itertools.islice(stream, n_pieces, None), args.workers):
+        for tokens, lengths in tokenized:
             ends, used = np.cumsum(lengths), min(discard, len(tokens))  # used: tokens of this task consumed
             discard -= used
             while used < len(tokens):
@@ -569,6 +579,7 @@ def write_shards(args, config, shards, stream):
             shards.append({**shard.close(), "pieces": n_pieces, "skip_tokens": 0})
             shard = None
     finally:
+        tokenized.close()  # on an error above, the workers stop now, not whenever the generator is collected
         if shard is not None:
             shard.abort()
         journal.close()

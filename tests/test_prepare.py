@@ -325,6 +325,32 @@ def test_a_failed_write_is_one_line_naming_the_file_and_its_cause_and_leaves_no_
     assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "clean")
 
 
+class DyingTokenizer:
+    """The real tokenizer in this process; in a worker, the death of an OOM-killed process at its third task."""
+
+    def __init__(self, parent):
+        self.real, self.parent, self.calls = get_tokenizer(), parent, 0
+
+    def encode_ordinary(self, text):
+        self.calls += 1
+        if os.getpid() != self.parent and self.calls > 2:
+            os._exit(137)
+        return self.real.encode_ordinary(text)
+
+
+def test_a_killed_worker_is_one_line_not_a_hang_and_the_rerun_finishes_the_job(tmp_path, corpus, capsys, monkeypatch):
+    with monkeypatch.context() as m, pytest.raises(SystemExit) as exit:
+        dying = DyingTokenizer(os.getpid())
+        m.setattr(prepare, "get_tokenizer", lambda: dying)  # the workers are forked with it
+        run(tmp_path / "out", corpus)
+    err = messages(capsys)
+    assert exit.value.code == 2 and err == ["error: a tokenizing worker died (out of memory?): rerun with fewer than "
+                                            "--workers 2; the same command keeps the complete shards"], err
+    run(tmp_path / "out", corpus)
+    run(tmp_path / "clean", corpus)
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "clean")
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes to a read-only folder regardless")
 def test_a_read_only_out_dir_is_refused_in_one_line(tmp_path, corpus, capsys):
     (tmp_path / "out").mkdir(mode=0o555)
